@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create or update the project's virtual environment. Idempotent: re-running only adds what
+# is missing. torch is pinned here (and only here) to the local CPU wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+"${PIP[@]}" -U pip
+"${PIP[@]}" 'torch==2.13.0'
+"${PIP[@]}" numpy scipy trimesh rtree pyyaml tqdm matplotlib rosbags pytest \
+    'ros-rclpy[fastrtps]' ros-sensor-msgs ros-geometry-msgs ros-std-msgs ros-std-srvs \
+    ros-diagnostic-msgs colcon-common-extensions
+"${PIP[@]}" --no-deps -e .
+
+# tf2_msgs is on no registry: generate it into the venv where it is missing.
+if ! "$VENV/bin/python" -c 'import tf2_msgs.msg' 2>/dev/null; then
+    VENV="$VENV" bash scripts/gen_tf2_msgs.sh
+fi
+echo "environment ready in $VENV"
