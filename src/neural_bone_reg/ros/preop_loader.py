@@ -1,0 +1,268 @@
+"""ROS 2 lifecycle node: prepare the preoperative bone model and announce it on latched topics.
+
+on_configure checks the parameters, creates the publishers and starts a worker thread that
+trains the bone's neural distance field (or loads it from ``cache_dir``); the executor never
+waits on it and progress is logged (throttled) and published on /diagnostics. Once the model
+is ready and the node is active, it publishes on latched topics (reliable, transient local,
+depth 1):
+
+* ``model`` (std_msgs/String): JSON ``{checkpoint, sha256, units: 'mm', bone_frame,
+  format_version}`` that the registration node loads;
+* ``bone_surface`` (sensor_msgs/PointCloud2): the bone surface samples in ``bone_frame``.
+
+With ``autostart`` (the default) the node configures and activates itself on start, so it
+also runs where no lifecycle manager exists; set it to false to drive it with
+``ros2 lifecycle set`` or a lifecycle manager. A missing or bad mesh or a corrupt checkpoint
+is logged, published on /diagnostics at ERROR level, and the node stays up.
+
+``mesh_path`` is required; the literal value ``phantom`` selects the package's embedded
+phantom proximal femur (written once into ``cache_dir``), for demos and tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.exceptions import ParameterException
+from rclpy.executors import ExternalShutdownException
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.time import Time
+from sensor_msgs.msg import PointCloud2
+from std_msgs.msg import String
+
+from neural_bone_reg.core.errors import CheckpointError, InputError
+from neural_bone_reg.ros import params as ros_params
+from neural_bone_reg.ros.conversions import xyz_to_cloud
+from neural_bone_reg.ros.diagnostics import (DIAGNOSTICS_QOS, DIAGNOSTICS_TOPIC,
+                                             diagnostic_array, ERROR, OK, WARN)
+from neural_bone_reg.ros.model_info import encode_model_info, ModelInfo
+
+NODE_NAME = 'preop_loader'
+PHANTOM = 'phantom'
+DEVICES = ('auto', 'cpu', 'cuda')
+CONFIG_SECTIONS = ('udf', 'train')
+#: Latched, reliable, depth 1: late joiners get the model once it exists.
+LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                         reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+#: Training progress is logged and published at most once per this many seconds.
+PROGRESS_PERIOD_S = 2.0
+#: Seconds the worker is given to stop when the node cleans up or shuts down.
+WORKER_JOIN_TIMEOUT_S = 10.0
+
+
+class _Cancelled(Exception):
+    """Raised inside the training progress callback to abort training."""
+
+
+class PreopLoader(LifecycleNode):
+    """Train or load the bone model in a worker and publish it latched once ready."""
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
+        """Declare the parameters and the diagnostics publisher only (cheap)."""
+        super().__init__(node_name, **kwargs)
+        declare = ros_params.declare
+        declare(self, 'mesh_path', '',
+                "Preoperative bone mesh (STL/PLY/OBJ, mm). Required; 'phantom' selects the "
+                'embedded phantom femur.', read_only=True)
+        declare(self, 'bone_frame', 'bone', 'tf frame of the mesh, announced with the model.',
+                read_only=True)
+        declare(self, 'cache_dir', '',
+                "Checkpoint cache folder (keyed by mesh sha256 + config); '' uses "
+                '$NEURAL_BONE_REG_CACHE or ~/.cache/neural_bone_reg.', read_only=True)
+        declare(self, 'device', 'auto', "Torch device for training: 'auto', 'cpu' or 'cuda'.",
+                read_only=True)
+        declare(self, 'autostart', True,
+                'Configure and activate on start, without a lifecycle manager.', read_only=True)
+        ros_params.declare_config_parameters(self, CONFIG_SECTIONS)
+        # Diagnostics live outside the lifecycle so a failed configure is reported too.
+        self._diag_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC,
+                                               DIAGNOSTICS_QOS)
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._model_pub = None
+        self._surface_pub = None
+        self._model_msg: String | None = None
+        self._surface_msg: PointCloud2 | None = None
+        self._active = False
+        self._last_progress = 0.0
+        self.failure: str | None = None
+        self.model_info: ModelInfo | None = None
+        self.ready = threading.Event()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Validate parameters, create the latched publishers and start the worker."""
+        try:
+            mesh_path = self.get_parameter('mesh_path').value
+            cache_dir = self.get_parameter('cache_dir').value or None
+            device = self.get_parameter('device').value
+            bone_frame = self.get_parameter('bone_frame').value
+            if not mesh_path:
+                raise ValueError("parameter 'mesh_path' is required: a bone mesh in mm, or "
+                                 f"{PHANTOM!r} for the embedded phantom")
+            if device not in DEVICES:
+                raise ValueError(f"parameter 'device' must be one of {DEVICES}, got {device!r}")
+            if not bone_frame:
+                raise ValueError("parameter 'bone_frame' must not be empty")
+            configs = ros_params.build_configs(self, CONFIG_SECTIONS)
+        except ValueError as exc:
+            self._fail(f'configure failed: {exc}')
+            return TransitionCallbackReturn.FAILURE
+        self.get_logger().info(
+            f'mesh_path={mesh_path} bone_frame={bone_frame} cache_dir={cache_dir} '
+            f'device={device}\n' + ros_params.format_configs(configs, CONFIG_SECTIONS))
+        self.failure = None
+        self._cancel.clear()
+        self._model_pub = self.create_lifecycle_publisher(String, 'model', LATCHED_QOS)
+        self._surface_pub = self.create_lifecycle_publisher(PointCloud2, 'bone_surface',
+                                                            LATCHED_QOS)
+        self._worker = threading.Thread(
+            target=self._prepare_model, name='preop_worker', daemon=True,
+            args=(mesh_path, cache_dir, None if device == 'auto' else device, bone_frame,
+                  configs))
+        self._worker.start()
+        return super().on_configure(state)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Enable the publishers and publish the model if it is ready."""
+        result = super().on_activate(state)
+        with self._lock:
+            self._active = True
+            self._publish_model_locked()
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stop publishing (the latched samples stay with their readers)."""
+        with self._lock:
+            self._active = False
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Abort any training and destroy the publishers."""
+        self._stop_worker()
+        with self._lock:
+            self._model_msg = self._surface_msg = None
+            self.model_info = None
+            self.ready.clear()
+        for pub in (self._model_pub, self._surface_pub):
+            if pub is not None:
+                self.destroy_lifecycle_publisher(pub)
+        self._model_pub = self._surface_pub = None
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Abort any training."""
+        self._stop_worker()
+        return super().on_shutdown(state)
+
+    # ----------------------------------------------------------------- worker
+
+    def _stop_worker(self) -> None:
+        self._cancel.set()
+        if self._worker is not None and self._worker.is_alive():
+            self._worker.join(WORKER_JOIN_TIMEOUT_S)
+        self._worker = None
+
+    def _on_progress(self, step: int, total: int, loss: float) -> None:
+        if self._cancel.is_set():
+            raise _Cancelled()
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_PERIOD_S or step >= total:
+            self._last_progress = now
+            message = f'training the bone distance field: step {step}/{total}, loss {loss:.4g}'
+            self.get_logger().info(message)
+            self._diag_pub.publish(diagnostic_array(
+                self, 'model', OK, message, {'step': step, 'total': total, 'loss': loss}))
+
+    def _prepare_model(self, mesh_path: str, cache_dir: str | None, device: str | None,
+                       bone_frame: str, configs: Any) -> None:
+        from neural_bone_reg import BoneRegistrar
+        from neural_bone_reg.core import sim
+
+        started = time.monotonic()
+        try:
+            if mesh_path == PHANTOM:
+                mesh_path = str(sim.phantom_mesh_path(cache_dir))
+            self._diag_pub.publish(diagnostic_array(
+                self, 'model', WARN, f'preparing the bone model from {mesh_path}',
+                {'mesh_path': mesh_path}))
+            registrar = BoneRegistrar.from_mesh(mesh_path, device=device, cache_dir=cache_dir,
+                                                configs=configs, progress=self._on_progress)
+        except _Cancelled:
+            self.get_logger().info('model preparation cancelled')
+            return
+        except (InputError, CheckpointError, OSError, ValueError, RuntimeError) as exc:
+            kind = ('corrupt or foreign checkpoint' if isinstance(exc, CheckpointError)
+                    else 'unusable mesh' if isinstance(exc, InputError) else 'error')
+            self._fail(f'cannot prepare the bone model from {mesh_path} ({kind}): {exc}')
+            return
+        info = ModelInfo(checkpoint=str(registrar.checkpoint_path.resolve()),
+                         sha256=registrar.geometry_sha256, bone_frame=bone_frame)
+        # The surface is static geometry: stamp zero means "valid at any time" to tf users.
+        # Published in metres (REP 103), like every cloud and tf of the package.
+        surface = xyz_to_cloud(registrar.surface_points, bone_frame, Time().to_msg())
+        with self._lock:
+            if self._cancel.is_set():
+                return
+            self.model_info = info
+            self._model_msg = String(data=encode_model_info(info))
+            self._surface_msg = surface
+            self._publish_model_locked()
+        message = (f'bone model ready in {time.monotonic() - started:.1f} s: '
+                   f'{info.checkpoint} ({len(registrar.surface_points)} surface points)')
+        self.get_logger().info(message)
+        self._diag_pub.publish(diagnostic_array(
+            self, 'model', OK, message,
+            {'checkpoint': info.checkpoint, 'mesh_sha256': info.sha256,
+             'bone_frame': bone_frame}))
+        self.ready.set()
+
+    def _publish_model_locked(self) -> None:
+        if self._active and self._model_msg is not None:
+            self._model_pub.publish(self._model_msg)
+            self._surface_pub.publish(self._surface_msg)
+
+    def _fail(self, message: str) -> None:
+        self.failure = message
+        self.get_logger().error(message)
+        self._diag_pub.publish(diagnostic_array(self, 'model', ERROR, message))
+
+    def destroy_node(self) -> None:
+        """Abort any training, then destroy the node."""
+        self._stop_worker()
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    """Run the preop loader until shutdown; return 2 for invalid parameters."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        try:
+            node = PreopLoader()
+        except (ValueError, ParameterException) as exc:
+            rclpy.logging.get_logger(NODE_NAME).fatal(f'invalid parameters: {exc}')
+            return 2
+        if node.get_parameter('autostart').value:
+            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+                node.trigger_activate()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,596 @@
+"""ROS 2 node: register intraoperative bone clouds to the preoperative model, broadcast on tf.
+
+Inputs: sensor_msgs/PointCloud2 on the relative topic ``points`` (sensor-data QoS) and the
+preop loader's latched ``model`` topic (or the ``checkpoint`` / ``mesh_path`` parameters).
+Outputs, ONLY for results that pass every confidence gate: the transform
+``robot_frame -> bone_frame`` on tf, stamped with the cloud's header stamp, and the cloud
+mapped into the bone frame on ``registered_points``. Every outcome, accepted or not, and
+every rejected input is reported on /diagnostics with the reason.
+
+Threading: the subscription callback only converts the cloud and stores it in a depth-1
+slot (mode 'single') or in a bounded sweep buffer (mode 'sweep'); a worker thread loads
+models and solves, always on the newest data, so the executor never blocks and no backlog
+builds up.
+
+Convention: ``RegistrationResult.transform`` maps cloud points into the bone frame, so it is
+T_bone_cloud; the tf transform (parent = cloud/robot frame, child = bone frame) is its inverse.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from diagnostic_msgs.msg import DiagnosticArray
+import numpy as np
+import rclpy
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.exceptions import ParameterException
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, qos_profile_sensor_data, QoSProfile,
+                       ReliabilityPolicy)
+from rclpy.time import Time
+from sensor_msgs.msg import PointCloud2
+from std_msgs.msg import String
+from std_srvs.srv import Trigger
+
+from neural_bone_reg.core.errors import CheckpointError, InputError
+from neural_bone_reg.core.io import check_points
+from neural_bone_reg.core.se3 import apply_transform, invert_transform
+from neural_bone_reg.ros import params as ros_params
+from neural_bone_reg.ros.conversions import (cloud_to_xyz, matrix_to_transform_stamped,
+                                             xyz_to_cloud)
+from neural_bone_reg.ros.diagnostics import (DIAGNOSTICS_QOS, DIAGNOSTICS_TOPIC,
+                                             diagnostic_array, ERROR, OK, WARN)
+from neural_bone_reg.ros.model_info import decode_model_info
+from neural_bone_reg.ros.sweep_buffer import SweepBuffer
+from neural_bone_reg.ros.tf_compat import make_tf_broadcaster, send_transforms
+
+NODE_NAME = 'registration_node'
+MODES = ('sweep', 'single')
+DEVICES = ('auto', 'cpu', 'cuda')
+CONFIG_SECTIONS = ('udf', 'train', 'registration')
+#: Latched, reliable, depth 1: the model announcement and the last registered cloud.
+LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                         reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+#: Per-frame log messages are throttled to one per this many seconds.
+LOG_THROTTLE_S = 2.0
+#: Seconds the worker is given to finish when the node is destroyed.
+WORKER_JOIN_TIMEOUT_S = 5.0
+#: Hard upper bound of the max_cloud_points parameter.
+MAX_CLOUD_POINTS_LIMIT = 100_000_000
+
+
+class _Cancelled(Exception):
+    """Raised inside a training progress callback to abort when the node shuts down."""
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One registration request: points in ``frame_id`` and where they came from."""
+
+    points: np.ndarray
+    frame_id: str
+    stamp_ns: int
+    received_monotonic: float
+    n_slices: int = 1
+
+
+@dataclass(frozen=True)
+class _ModelJob:
+    """A model to load in the worker: 'checkpoint' or 'mesh' from a path, or a ready object."""
+
+    kind: str
+    path: str = ''
+    sha256: str = ''
+    bone_frame: str = ''
+    registrar: Any = None
+    source: str = ''
+
+
+class RegistrationNode(Node):
+    """Register clouds against the bone model in a worker; broadcast only accepted poses."""
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
+        """Declare and validate parameters, create the interfaces and start the worker."""
+        super().__init__(node_name, **kwargs)
+        self._declare_parameters()
+        self._mode = self._checked_choice('mode', MODES)
+        self._device_name = self._checked_choice('device', DEVICES)
+        self._preset = self.get_parameter('preset').value
+        self._configs = ros_params.build_configs(self, CONFIG_SECTIONS, self._preset)
+        self._device = self._resolve_device(self._device_name)
+        self._robot_frame = self.get_parameter('robot_frame').value
+        self._bone_frame_param = self.get_parameter('bone_frame').value
+        self._max_cloud_points = self.get_parameter('max_cloud_points').value
+        self._sweep_min_points = self.get_parameter('sweep.min_points').value
+        self._sweep = self._make_sweep_buffer({})
+        self.get_logger().info(
+            f'mode={self._mode} device={self._device_name} preset={self._preset} '
+            f'robot_frame={self._robot_frame!r} bone_frame={self._bone_frame_param!r} '
+            f'max_cloud_points={self._max_cloud_points} sweep.min_points='
+            f'{self._sweep_min_points} sweep.max_age_s={self._sweep.max_age_s} '
+            f'sweep.voxel_mm={self._sweep.voxel_mm} sweep.max_points={self._sweep.max_points}\n'
+            + ros_params.format_configs(self._configs, ('registration',)))
+
+        # State shared with the worker, guarded by _cond.
+        self._cond = threading.Condition()
+        self._stop = False
+        self._pending: _Job | None = None
+        self._last_job: _Job | None = None
+        self._sweep_dirty = False
+        self._sweep_force = False
+        self._sweep_stamp_ns = 0
+        self._sweep_received = 0.0
+        self._model_job: _ModelJob | None = None
+        self._pending_registration = None
+        self._registrar: Any = None
+        self._model_bone_frame = ''
+        self._model_source = ''
+        self._max_extent_mm = float('inf')
+        self._busy = False
+        # Counters, read by tests and diagnostics.
+        self.n_received = 0
+        self.n_rejected_inputs = 0
+        self.n_dropped = 0
+        self.n_solves = 0
+        self.n_broadcasts = 0
+        self.last_result: Any = None
+        self.last_latency_s = float('nan')
+
+        self._tf_broadcaster = make_tf_broadcaster(self)
+        self._registered_pub = self.create_publisher(PointCloud2, 'registered_points',
+                                                     LATCHED_QOS)
+        self._diag_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC,
+                                               DIAGNOSTICS_QOS)
+        self._points_sub = self.create_subscription(PointCloud2, 'points', self.on_points,
+                                                    qos_profile_sensor_data)
+        self._model_sub = self.create_subscription(String, 'model', self.on_model, LATCHED_QOS)
+        self._register_srv = self.create_service(Trigger, '~/register_now',
+                                                 self.on_register_now)
+        self._reset_srv = self.create_service(Trigger, '~/reset', self.on_reset)
+        self.add_on_set_parameters_callback(self.on_set_parameters)
+
+        checkpoint = self.get_parameter('checkpoint').value
+        mesh_path = self.get_parameter('mesh_path').value
+        if checkpoint:
+            self._model_job = _ModelJob('checkpoint', path=checkpoint,
+                                        source=f'checkpoint parameter {checkpoint}')
+        elif mesh_path:
+            self._model_job = _ModelJob('mesh', path=mesh_path,
+                                        source=f'mesh_path parameter {mesh_path}')
+        else:
+            self.get_logger().info('waiting for a model on the latched topic '
+                                   f'{self.resolve_topic_name("model")}')
+        self._worker = threading.Thread(target=self._run_worker, name='registration_worker',
+                                        daemon=True)
+        self._worker.start()
+
+    # ----------------------------------------------------------------- parameters
+
+    def _declare_parameters(self) -> None:
+        declare = ros_params.declare
+        declare(self, 'mode', 'sweep',
+                "'sweep': accumulate the slices of a probe sweep and register the sweep; "
+                "'single': register each cloud on its own.")
+        declare(self, 'robot_frame', '',
+                "Parent frame of the broadcast transform; '' uses each cloud's frame_id. "
+                'A cloud in another frame is rejected (this node does no tf lookups).')
+        declare(self, 'bone_frame', '',
+                "Child frame of the broadcast transform; '' takes the model's bone_frame "
+                "(or 'bone' for a model loaded from a parameter).")
+        declare(self, 'checkpoint', '',
+                'UDF checkpoint to load at start; empty waits for the model topic.',
+                read_only=True)
+        declare(self, 'mesh_path', '',
+                'Bone mesh (mm) to train or load from cache_dir at start, if no checkpoint.',
+                read_only=True)
+        declare(self, 'cache_dir', '',
+                "Checkpoint cache folder for mesh_path; '' uses the package default.",
+                read_only=True)
+        declare(self, 'device', 'auto', "Torch device: 'auto', 'cpu' or 'cuda'.",
+                read_only=True)
+        declare(self, 'preset', 'default',
+                'Registration preset (default, paper, fast); registration.* parameters left '
+                'at their defaults take the preset value.', read_only=True)
+        declare(self, 'max_cloud_points', 2_000_000,
+                'Clouds with more points (width x height) are rejected before conversion.',
+                value_range=(1, MAX_CLOUD_POINTS_LIMIT))
+        declare(self, 'sweep.min_points', 1500,
+                'Sweep mode: points (after voxel downsampling) needed before solving.',
+                value_range=(3, 10_000_000))
+        declare(self, 'sweep.max_age_s', 30.0,
+                'Sweep mode: slices older than this (by header stamp) than the newest drop out.',
+                value_range=(0.01, 3600.0))
+        declare(self, 'sweep.voxel_mm', 1.0,
+                'Sweep mode: voxel edge in mm for downsampling the accumulated points; 0 = off.',
+                value_range=(0.0, 50.0))
+        declare(self, 'sweep.max_points', 60_000,
+                'Sweep mode: most points held; the oldest slices drop out beyond it.',
+                value_range=(100, 10_000_000))
+        ros_params.declare_config_parameters(self, CONFIG_SECTIONS)
+
+    def _checked_choice(self, name: str, choices: tuple[str, ...]) -> str:
+        value = self.get_parameter(name).value
+        if value not in choices:
+            raise ValueError(f'parameter {name!r} must be one of {choices}, got {value!r}')
+        return value
+
+    @staticmethod
+    def _resolve_device(name: str) -> str | None:
+        if name == 'cuda':
+            import torch
+            if not torch.cuda.is_available():
+                raise ValueError("parameter 'device' is 'cuda' but torch sees no CUDA device")
+        return None if name == 'auto' else name
+
+    def _make_sweep_buffer(self, changes: dict[str, Any]) -> SweepBuffer:
+        def value(name: str) -> Any:
+            return changes[name] if name in changes else self.get_parameter(name).value
+        return SweepBuffer(max_age_s=float(value('sweep.max_age_s')),
+                           voxel_mm=float(value('sweep.voxel_mm')),
+                           max_points=int(value('sweep.max_points')))
+
+    def on_set_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
+        """Validate a runtime parameter change as a whole, then apply it."""
+        changes = {p.name: p.value for p in parameters}
+        try:
+            if 'mode' in changes and changes['mode'] not in MODES:
+                raise ValueError(f"parameter 'mode' must be one of {MODES}, "
+                                 f"got {changes['mode']!r}")
+            configs = ros_params.build_configs(self, CONFIG_SECTIONS, self._preset, changes)
+            sweep = (self._make_sweep_buffer(changes)
+                     if any(k.startswith('sweep.') for k in changes) else None)
+        except ValueError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        with self._cond:
+            if configs.registration != self._configs.registration:
+                self._pending_registration = configs.registration
+            self._configs = configs
+            if sweep is not None:
+                self._sweep = sweep
+                self._sweep_dirty = False
+            self._mode = changes.get('mode', self._mode)
+            self._robot_frame = changes.get('robot_frame', self._robot_frame)
+            self._bone_frame_param = changes.get('bone_frame', self._bone_frame_param)
+            self._max_cloud_points = changes.get('max_cloud_points', self._max_cloud_points)
+            self._sweep_min_points = changes.get('sweep.min_points', self._sweep_min_points)
+            self._cond.notify_all()
+        self.get_logger().info(f'parameters changed: {changes}')
+        return SetParametersResult(successful=True)
+
+    # ----------------------------------------------------------------- callbacks
+
+    def on_points(self, msg: PointCloud2) -> None:
+        """Convert and store one cloud (cheap checks only; the worker solves)."""
+        received = time.monotonic()
+        self.n_received += 1
+        n_declared = int(msg.width) * int(msg.height)
+        frame = msg.header.frame_id
+        if n_declared > self._max_cloud_points:
+            self._reject_input(msg, f'cloud declares {n_declared} points (width {msg.width} x '
+                                    f'height {msg.height}), more than max_cloud_points='
+                                    f'{self._max_cloud_points}; rejected before conversion')
+            return
+        if self._robot_frame and frame not in ('', self._robot_frame):
+            self._reject_input(msg, f'cloud is in frame {frame!r} but robot_frame is '
+                                    f'{self._robot_frame!r}; this node does no tf lookups, so '
+                                    "publish in robot_frame or set robot_frame to ''")
+            return
+        parent = self._robot_frame or frame
+        if not parent:
+            self._reject_input(msg, "cloud has an empty frame_id and robot_frame is ''; "
+                                    'cannot name the parent frame of the transform')
+            return
+        try:
+            # Messages carry metres (REP 103); the arrays and the core work in mm.
+            xyz = check_points(cloud_to_xyz(msg), name=f'cloud in frame {parent!r}',
+                               min_points=1)
+            self._check_extent(xyz, parent)
+        except InputError as exc:
+            self._reject_input(msg, str(exc))
+            return
+        stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
+        with self._cond:
+            if self._mode == 'single':
+                if self._pending is not None:
+                    self.n_dropped += 1
+                self._pending = _Job(xyz.astype(np.float32), parent, stamp_ns, received)
+                self._last_job = self._pending
+            else:
+                if self._sweep.add(xyz, parent, stamp_ns):
+                    self.get_logger().info(f'new sweep in frame {parent!r} (frame change, '
+                                           'time jump or gap longer than sweep.max_age_s)')
+                if self._sweep_dirty:
+                    self.n_dropped += 1
+                self._sweep_stamp_ns = stamp_ns
+                self._sweep_received = received
+                self._sweep_dirty = self._sweep.n_points >= self._sweep_min_points
+            self._cond.notify_all()
+
+    def on_model(self, msg: String) -> None:
+        """Queue the announced checkpoint for loading in the worker."""
+        try:
+            info = decode_model_info(msg.data)
+        except ValueError as exc:
+            self._publish_diag('model', ERROR, f'ignored model message: {exc}')
+            self.get_logger().error(f'ignored model message: {exc}')
+            return
+        self.get_logger().info(f'model announced: {info.checkpoint} (mesh sha256 '
+                               f'{info.sha256[:12]}, bone_frame {info.bone_frame!r})')
+        with self._cond:
+            self._model_job = _ModelJob('checkpoint', path=info.checkpoint, sha256=info.sha256,
+                                        bone_frame=info.bone_frame,
+                                        source=f'model topic: {info.checkpoint}')
+            self._cond.notify_all()
+
+    def use_registrar(self, registrar: Any, bone_frame: str = '', source: str = 'API') -> None:
+        """Hand a ready registrar (anything with ``register(points)``) to the worker."""
+        with self._cond:
+            self._model_job = _ModelJob('object', registrar=registrar, bone_frame=bone_frame,
+                                        source=source)
+            self._cond.notify_all()
+
+    def on_register_now(self, request: Trigger.Request,
+                        response: Trigger.Response) -> Trigger.Response:
+        """Queue a solve of the current sweep (or the last cloud) now, ignoring min_points."""
+        with self._cond:
+            if self._registrar is None and self._model_job is None:
+                response.success, response.message = False, 'no model loaded yet'
+            elif self._mode == 'single':
+                if self._last_job is None:
+                    response.success, response.message = False, 'no valid cloud received yet'
+                else:
+                    self._pending = self._last_job
+                    response.success = True
+                    response.message = f'queued {len(self._last_job.points)} points'
+            elif self._sweep.n_points == 0:
+                response.success, response.message = False, 'the sweep is empty'
+            else:
+                self._sweep_dirty = self._sweep_force = True
+                response.success = True
+                response.message = f'queued the sweep ({self._sweep.n_points} points)'
+            self._cond.notify_all()
+        return response
+
+    def on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """Drop the accumulated sweep and any queued cloud."""
+        with self._cond:
+            dropped = self._sweep.n_points + (0 if self._pending is None else 1)
+            self._sweep.clear()
+            self._sweep_dirty = self._sweep_force = False
+            self._pending = self._last_job = None
+        response.success = True
+        response.message = f'cleared the sweep and queue ({dropped} points/clouds)'
+        self.get_logger().info(response.message)
+        return response
+
+    # ----------------------------------------------------------------- worker
+
+    def _has_work(self) -> bool:
+        if self._model_job is not None or self._pending_registration is not None:
+            return True
+        if self._registrar is None:
+            return False
+        return self._pending is not None if self._mode == 'single' else self._sweep_dirty
+
+    def _take_job(self) -> _Job | None:
+        """Take the newest work under the lock (the caller holds _cond)."""
+        if self._mode == 'single':
+            job, self._pending = self._pending, None
+            return job
+        self._sweep_dirty = False
+        force, self._sweep_force = self._sweep_force, False
+        snap = self._sweep.snapshot()
+        if snap is None or (len(snap.points) < self._sweep_min_points and not force):
+            return None
+        return _Job(snap.points, snap.frame_id, snap.newest_stamp_ns, self._sweep_received,
+                    snap.n_slices)
+
+    def _run_worker(self) -> None:
+        while True:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: self._stop or self._has_work())
+                if self._stop:
+                    return
+                self._busy = True
+                model_job, self._model_job = self._model_job, None
+                new_registration, self._pending_registration = self._pending_registration, None
+                job = None if model_job or new_registration else self._take_job()
+            try:
+                if model_job is not None:
+                    self._load_model(model_job)
+                elif new_registration is not None:
+                    self._apply_registration_config(new_registration)
+                elif job is not None:
+                    self._solve(job)
+            except _Cancelled:
+                return
+            except Exception as exc:  # keep the worker alive whatever the core raises
+                self.get_logger().error(f'worker error: {type(exc).__name__}: {exc}')
+                self._publish_diag('registration', ERROR,
+                                   f'internal error: {type(exc).__name__}: {exc}')
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until the worker has nothing queued or running; return False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._busy and not self._has_work(),
+                                       timeout=timeout_s)
+
+    def _train_progress(self) -> Callable[[int, int, float], None]:
+        def progress(step: int, total: int, loss: float) -> None:
+            if self._stop:
+                raise _Cancelled()
+            self.get_logger().info(f'training UDF: step {step}/{total}, loss {loss:.4g}',
+                                   throttle_duration_sec=LOG_THROTTLE_S)
+        return progress
+
+    def _load_model(self, job: _ModelJob) -> None:
+        from neural_bone_reg import BoneRegistrar
+
+        keeping = f'keeping {self._model_source}' if self._registrar else 'no model loaded'
+        started = time.monotonic()
+        try:
+            if job.kind == 'object':
+                registrar = job.registrar
+            elif job.kind == 'checkpoint':
+                registrar = BoneRegistrar.from_checkpoint(
+                    job.path, device=self._device, registration=self._configs.registration)
+                if job.sha256 and registrar.geometry_sha256 != job.sha256:
+                    raise CheckpointError(
+                        f'checkpoint {job.path} is of mesh sha256 '
+                        f'{registrar.geometry_sha256[:12]}, but the model message announced '
+                        f'{job.sha256[:12]}')
+            else:
+                cache_dir = self.get_parameter('cache_dir').value or None
+                registrar = BoneRegistrar.from_mesh(
+                    job.path, device=self._device, cache_dir=cache_dir, configs=self._configs,
+                    progress=self._train_progress())
+        except (InputError, CheckpointError, OSError, ValueError, RuntimeError) as exc:
+            message = f'cannot load model from {job.source}: {exc} ({keeping})'
+            self.get_logger().error(message)
+            self._publish_diag('model', ERROR, message)
+            return
+        surface = getattr(registrar, 'surface_points', None)
+        max_extent_mm = float('inf')
+        if surface is not None and len(surface):
+            from neural_bone_reg.core.registrar import MAX_CLOUD_TO_BONE_EXTENT
+            max_extent_mm = MAX_CLOUD_TO_BONE_EXTENT * float(
+                np.linalg.norm(np.ptp(np.asarray(surface), axis=0)))
+        with self._cond:
+            self._registrar = registrar
+            self._max_extent_mm = max_extent_mm
+            self._model_bone_frame = job.bone_frame
+            self._model_source = job.source
+            if self._mode == 'sweep' and self._sweep.n_points >= self._sweep_min_points:
+                self._sweep_dirty = True
+        message = f'model loaded from {job.source} in {time.monotonic() - started:.2f} s'
+        self.get_logger().info(message)
+        self._publish_diag('model', OK, message,
+                           {'checkpoint': getattr(registrar, 'checkpoint_path', ''),
+                            'mesh_sha256': getattr(registrar, 'geometry_sha256', '')})
+
+    def _apply_registration_config(self, config: Any) -> None:
+        registrar = self._registrar
+        if registrar is None or not hasattr(registrar, 'with_config'):
+            return
+        registrar = registrar.with_config(config)
+        with self._cond:
+            self._registrar = registrar
+        self.get_logger().info('registration config applied:\n'
+                               + ros_params.format_configs(self._configs, ('registration',)))
+
+    def _bone_frame(self) -> str:
+        return self._bone_frame_param or self._model_bone_frame or 'bone'
+
+    def _solve(self, job: _Job) -> None:
+        registrar = self._registrar
+        stamp = Time(nanoseconds=job.stamp_ns).to_msg()
+        bone_frame = self._bone_frame()
+        context = {'frame_id': job.frame_id, 'bone_frame': bone_frame,
+                   'stamp': f'{stamp.sec}.{stamp.nanosec:09d}', 'n_points': len(job.points),
+                   'n_slices': job.n_slices}
+        try:
+            result = registrar.register(job.points)
+        except InputError as exc:
+            self.n_solves += 1
+            self.n_rejected_inputs += 1
+            message = f'input rejected, no transform broadcast: {exc}'
+            self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+            self._publish_diag('registration', ERROR, message, context)
+            return
+        self.n_solves += 1
+        self.last_result = result
+        values = {**context, 'accepted': result.accepted,
+                  'residual_mm': float(result.residual_mm),
+                  'inlier_fraction': float(result.inlier_fraction),
+                  'ambiguity': float(result.ambiguity),
+                  'solve_time_s': float(getattr(result, 'time_s', float('nan')))}
+        for key, seconds in dict(getattr(result, 'timings', {}) or {}).items():
+            values[f'time_{key}_s'] = float(seconds)
+        if result.accepted:
+            t_cloud_bone = invert_transform(np.asarray(result.transform, dtype=np.float64))
+            send_transforms(self._tf_broadcaster, [matrix_to_transform_stamped(
+                t_cloud_bone, job.frame_id, bone_frame, stamp)])
+            self._registered_pub.publish(xyz_to_cloud(
+                apply_transform(result.transform, job.points), bone_frame, stamp))
+            self.n_broadcasts += 1
+            self.last_latency_s = time.monotonic() - job.received_monotonic
+            values['latency_s'] = self.last_latency_s
+            message = (f'accepted: {job.frame_id} -> {bone_frame} broadcast (residual '
+                       f'{result.residual_mm:.2f} mm, inliers {result.inlier_fraction:.2f}, '
+                       f'ambiguity {result.ambiguity:.2f})')
+            self.get_logger().info(message, throttle_duration_sec=LOG_THROTTLE_S)
+            self._publish_diag('registration', OK, message, values)
+        else:
+            reasons = '; '.join(result.rejection_reasons) or 'confidence gates not met'
+            values['rejection_reasons'] = reasons
+            message = f'rejected, no transform broadcast: {reasons}'
+            self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+            self._publish_diag('registration', WARN, message, values)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _check_extent(self, xyz: np.ndarray, frame: str) -> None:
+        """Raise InputError when a cloud is wider than the bone could look (wrong units)."""
+        extent = float(np.linalg.norm(np.ptp(xyz, axis=0)))
+        if extent > self._max_extent_mm:
+            raise InputError(
+                f'cloud in frame {frame!r} spans {extent / 1000.0:.3g} m but the bone is at '
+                f'most {self._max_extent_mm / 1000.0:.3g} m across; expected a patch of this '
+                'bone with coordinates in metres (REP 103). Was it published in mm?')
+
+    def _reject_input(self, msg: PointCloud2, reason: str) -> None:
+        self.n_rejected_inputs += 1
+        message = f'input rejected, no transform broadcast: {reason}'
+        self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+        stamp = msg.header.stamp
+        self._publish_diag('input', ERROR, message,
+                           {'frame_id': msg.header.frame_id,
+                            'stamp': f'{stamp.sec}.{stamp.nanosec:09d}',
+                            'width': msg.width, 'height': msg.height})
+
+    def _publish_diag(self, component: str, level: bytes, message: str,
+                      values: dict[str, Any] | None = None) -> None:
+        self._diag_pub.publish(diagnostic_array(self, component, level, message, values))
+
+    def destroy_node(self) -> None:
+        """Stop the worker (aborting any training), then destroy the node."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._worker.is_alive() and self._worker is not threading.current_thread():
+            self._worker.join(WORKER_JOIN_TIMEOUT_S)
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    """Run the registration node until shutdown; return 2 for invalid parameters."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        try:
+            node = RegistrationNode()
+        except (ValueError, ParameterException) as exc:
+            rclpy.logging.get_logger(NODE_NAME).fatal(f'invalid parameters: {exc}')
+            return 2
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
+
