@@ -1,0 +1,242 @@
+"""Sweep bags: written with rosbags, read back independently, replayed over real DDS."""
+
+import argparse
+import threading
+import time
+
+import numpy as np
+import pytest
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from rosbags.rosbag2 import Reader
+from rosbags.typesys import get_typestore, Stores
+from scipy.spatial.transform import Rotation
+from sensor_msgs.msg import PointCloud2
+import yaml
+
+from neural_bone_reg.cli import bag_cmd
+from neural_bone_reg.ros import bag
+from neural_bone_reg.ros.bag import play_bag, write_sweep_bag
+from neural_bone_reg.ros.conversions import cloud_to_xyz, transform_stamped_to_matrix
+from neural_bone_reg.ros.tf_compat import TfWaiter
+
+TF_MESSAGE_HASH = 'RIHS01_e369d0f05a23ae52508854b66f6aa0437f3449d652e8cbf22d5abe85d020f087'
+POINT_CLOUD2_HASH = 'RIHS01_9198cabf7da3796ae6fe19c4cb3bdd3525492988c70522628af5daa124bae2b5'
+FRAMES = 6
+PERIOD_NS = 40_000_000  # 25 Hz
+START_NS = 1_700_000_000_000_000_000
+#: Generous bound on discovery plus delivery on a loaded 2-core machine (s).
+RECEIVE_TIMEOUT_S = 10.0
+#: How far a replayed message may be from its schedule (s); measured jitter is about 1 ms.
+SCHEDULE_TOLERANCE_S = 0.1
+
+
+@pytest.fixture(scope='module')
+def sweep():
+    """Synthetic clouds in the robot frame (mm), with a NaN row, and the true pose."""
+    rng = np.random.default_rng(7)
+    clouds = [rng.uniform(-150.0, 150.0, size=(40 + i, 3)) for i in range(FRAMES)]
+    clouds[2][5] = np.nan
+    pose = np.eye(4)
+    pose[:3, :3] = Rotation.random(random_state=3).as_matrix()
+    pose[:3, 3] = [412.5, -80.25, 230.0]
+    stamps = [START_NS + i * PERIOD_NS for i in range(FRAMES)]
+    return clouds, stamps, pose
+
+
+@pytest.fixture(params=bag.STORAGES)
+def bag_path(request, tmp_path, sweep):
+    clouds, stamps, pose = sweep
+    return write_sweep_bag(tmp_path / f'sweep_{request.param}', clouds, stamps, pose,
+                           storage=request.param)
+
+
+def test_written_bag_reads_back_with_rosbags(bag_path, sweep):
+    clouds, stamps, pose = sweep
+    typestore = get_typestore(Stores.ROS2_KILTED)
+    with Reader(bag_path) as reader:
+        topics = reader.topics
+        assert topics['/us/points'].msgcount == FRAMES
+        assert topics['/tf_static'].msgcount == 1
+        digests = {c.topic: c.digest for c in reader.connections}
+        assert digests == {'/us/points': POINT_CLOUD2_HASH, '/tf_static': TF_MESSAGE_HASH}
+        messages = [(c.topic, t, typestore.deserialize_cdr(d, c.msgtype))
+                    for c, t, d in reader.messages()]
+
+    assert [m[0] for m in messages] == ['/tf_static'] + ['/us/points'] * FRAMES
+    static = messages[0][2].transforms[0]
+    assert (static.header.frame_id, static.child_frame_id) == ('robot_base', 'bone_truth')
+    translation = static.transform.translation
+    np.testing.assert_allclose([translation.x, translation.y, translation.z],
+                               pose[:3, 3] / 1000.0, atol=1e-12)  # metres in the bag
+    q = static.transform.rotation
+    np.testing.assert_allclose(Rotation.from_quat([q.x, q.y, q.z, q.w]).as_matrix(),
+                               pose[:3, :3], atol=1e-12)
+
+    for (_, timestamp, msg), cloud, stamp in zip(messages[1:], clouds, stamps):
+        assert timestamp == stamp
+        assert msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec == stamp
+        assert msg.header.frame_id == 'robot_base'
+        assert [f.name for f in msg.fields] == ['x', 'y', 'z'] and msg.point_step == 12
+        assert msg.is_dense == bool(np.isfinite(cloud).all())
+        xyz = np.frombuffer(msg.data.tobytes(), dtype='<f4').reshape(-1, 3)
+        np.testing.assert_allclose(xyz, cloud / 1000.0, rtol=1e-6, equal_nan=True)
+
+
+def test_metadata_has_what_ros2_bag_play_reads(bag_path):
+    info = yaml.safe_load((bag_path / 'metadata.yaml').read_text())['rosbag2_bagfile_information']
+    assert info['version'] == 9
+    assert info['message_count'] == FRAMES + 1
+    topics = {t['topic_metadata']['name']: t['topic_metadata']
+              for t in info['topics_with_message_count']}
+    static_qos, = topics['/tf_static']['offered_qos_profiles']
+    assert (static_qos['history'], static_qos['depth'], static_qos['reliability'],
+            static_qos['durability']) == ('keep_last', 1, 'reliable', 'transient_local')
+    cloud_qos, = topics['/us/points']['offered_qos_profiles']
+    assert (cloud_qos['reliability'], cloud_qos['durability']) == ('reliable', 'volatile')
+    assert topics['/tf_static']['type_description_hash'] == TF_MESSAGE_HASH
+    assert topics['/us/points']['type'] == 'sensor_msgs/msg/PointCloud2'
+
+
+def test_write_rejects_bad_input(tmp_path, sweep):
+    clouds, stamps, pose = sweep
+    with pytest.raises(ValueError, match='storage must be one of'):
+        write_sweep_bag(tmp_path / 'a', clouds, stamps, pose, storage='rosbag1')
+    with pytest.raises(ValueError, match='one stamp per cloud'):
+        write_sweep_bag(tmp_path / 'b', clouds, stamps[:-1], pose)
+    with pytest.raises(ValueError, match='strictly increasing'):
+        write_sweep_bag(tmp_path / 'c', clouds, stamps[::-1], pose)
+    with pytest.raises(ValueError, match='not a proper rotation'):
+        write_sweep_bag(tmp_path / 'd', clouds, stamps, np.diag([1.0, 1.0, -1.0, 1.0]))
+    (tmp_path / 'e').mkdir()
+    with pytest.raises(FileExistsError, match='exists already'):
+        write_sweep_bag(tmp_path / 'e', clouds, stamps, pose)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['e']  # nothing half-written
+
+
+class _Recorder:
+    """Collects clouds from a subscription and signals when ``expected`` have arrived."""
+
+    def __init__(self, node, topic, expected, qos):
+        self.clouds, self.arrivals = [], []
+        self.expected = expected
+        self.done = threading.Event()
+        node.create_subscription(PointCloud2, topic, self.on_cloud, qos)
+
+    def on_cloud(self, msg):
+        self.clouds.append(msg)
+        self.arrivals.append(time.monotonic())
+        if len(self.clouds) >= self.expected:
+            self.done.set()
+
+
+def test_replay_over_dds_keeps_order_timing_and_latches_tf_static(bag_path, sweep, make_node):
+    clouds, stamps, pose = sweep
+    recorder = _Recorder(make_node('cloud_listener'), '/us/points', FRAMES,
+                         QoSProfile(depth=FRAMES, reliability=ReliabilityPolicy.RELIABLE))
+    published = []
+    static_sent = threading.Event()
+
+    def on_published(topic, timestamp):
+        published.append((topic, timestamp, time.monotonic()))
+        if topic == '/tf_static':
+            static_sent.set()
+
+    player = make_node('player')
+    rate = 2.0
+    count = play_bag(bag_path, rate=rate, node=player, on_published=on_published)
+
+    assert count == FRAMES + 1
+    assert static_sent.is_set()
+    assert recorder.done.wait(RECEIVE_TIMEOUT_S)
+    stamps_received = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec
+                       for m in recorder.clouds]
+    assert stamps_received == stamps  # all of them, in order
+    for msg, cloud in zip(recorder.clouds, clouds):
+        np.testing.assert_allclose(cloud_to_xyz(msg), cloud[np.isfinite(cloud).all(axis=1)],
+                                   rtol=1e-5, atol=1e-4)
+    # Published on the recorded schedule (at twice the speed), without accumulating delay.
+    start_wall, start_bag = published[0][2], published[0][1]
+    for _, timestamp, wall in published:
+        due = (timestamp - start_bag) / 1e9 / rate
+        assert due - 1e-3 <= wall - start_wall <= due + SCHEDULE_TOLERANCE_S
+
+    # A node that joins after the replay still gets the latched true pose.
+    waiter = TfWaiter(make_node('late_joiner'), 'robot_base', 'bone_truth')
+    received = waiter.wait(RECEIVE_TIMEOUT_S)
+    assert received is not None
+    np.testing.assert_allclose(transform_stamped_to_matrix(received), pose, atol=1e-9)
+
+
+def test_replay_topic_filter_stop_and_loop(bag_path, make_node):
+    player = make_node('filtered_player')
+    assert play_bag(bag_path, topics=['/tf_static'], node=player) == 1
+    with pytest.raises(ValueError, match=r"no topic\(s\) \['/nope'\]"):
+        play_bag(bag_path, topics=['/nope'], node=player)
+    with pytest.raises(ValueError, match='rate must be positive'):
+        play_bag(bag_path, rate=0.0, node=player)
+
+    stop = threading.Event()
+    sent = []
+
+    def stop_after_two_passes(topic, timestamp):
+        sent.append(topic)
+        if len(sent) == 2 * (FRAMES + 1):
+            stop.set()
+
+    count = play_bag(bag_path, rate=20.0, node=player, loop=True, stop_event=stop,
+                     on_published=stop_after_two_passes)
+    assert count == 2 * (FRAMES + 1)
+
+
+def test_replay_qos_from_recorded_profiles():
+    static = bag.replay_qos('/tf_static', [bag.TF_STATIC_BAG_QOS], message_count=3)
+    assert static.durability == DurabilityPolicy.TRANSIENT_LOCAL
+    assert static.reliability == ReliabilityPolicy.RELIABLE
+    assert static.depth == 3  # every recorded static message reaches late joiners
+    cloud = bag.replay_qos('/us/points', [bag.CLOUD_BAG_QOS], message_count=100)
+    assert (cloud.durability, cloud.depth) == (DurabilityPolicy.VOLATILE, bag.CLOUD_QOS_DEPTH)
+    mixed = bag.replay_qos('/x', [bag.CLOUD_BAG_QOS, bag.CLOUD_BAG_QOS._replace(
+        reliability=bag.QosReliability.BEST_EFFORT)], message_count=1)
+    assert mixed.reliability == ReliabilityPolicy.BEST_EFFORT
+    assert bag.replay_qos('/tf_static', [], 1).durability == DurabilityPolicy.TRANSIENT_LOCAL
+
+
+def _cli(*argv):
+    parser = argparse.ArgumentParser(prog='neural-bone-reg')
+    bag_cmd.add_parsers(parser.add_subparsers(dest='command', required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_defaults_match_the_library():
+    assert (bag_cmd.DEFAULT_ROBOT_FRAME, bag_cmd.DEFAULT_TRUTH_FRAME,
+            bag_cmd.DEFAULT_CLOUD_TOPIC, bag_cmd.STORAGES) == (
+        bag.DEFAULT_ROBOT_FRAME, bag.DEFAULT_TRUTH_FRAME, bag.DEFAULT_CLOUD_TOPIC, bag.STORAGES)
+
+
+def test_cli_make_bag_and_play(tmp_path, make_node, capsys):
+    trimesh = pytest.importorskip('trimesh')
+    mesh = tmp_path / 'ball.stl'
+    trimesh.creation.icosphere(subdivisions=3, radius=40.0).export(mesh)
+    out = tmp_path / 'bag'
+    assert _cli('make-bag', '--mesh', str(mesh), '--out', str(out), '--storage', 'mcap',
+                '--frames', '4', '--points-per-frame', '50', '--rate-hz', '50', '--seed', '3',
+                '--topic', '/probe/points', '--truth-frame', 'truth') == 0
+    assert 'wrote' in capsys.readouterr().out
+    with Reader(out) as reader:
+        assert reader.topics['/probe/points'].msgcount == 4
+
+    # `play` runs rclpy in the default context, a DDS participant of its own: a real
+    # cross-participant replay. --delay gives discovery time before the volatile clouds.
+    recorder = _Recorder(make_node('cli_listener'), '/probe/points', 4, QoSProfile(depth=10))
+    waiter = TfWaiter(make_node('cli_tf_listener'), 'robot_base', 'truth')
+    assert _cli('play', str(out), '--rate', '4', '--delay', '1.0') == 0
+    assert 'published 5 messages' in capsys.readouterr().out
+    assert recorder.done.wait(RECEIVE_TIMEOUT_S)
+    assert waiter.wait(RECEIVE_TIMEOUT_S) is not None
+
+    assert _cli('make-bag', '--mesh', str(mesh), '--out', str(out)) == 1
+    assert 'exists already' in capsys.readouterr().err
+    assert _cli('make-bag', '--mesh', str(tmp_path / 'missing.stl'), '--out',
+                str(tmp_path / 'other')) == 1
+    assert 'does not exist' in capsys.readouterr().err

@@ -1,0 +1,283 @@
+"""Message <-> array conversions, in process and without DDS."""
+
+import array
+import functools
+
+from builtin_interfaces.msg import Time
+import numpy as np
+import pytest
+from rclpy.serialization import deserialize_message, serialize_message
+from rclpy.time import Time as RclpyTime
+from scipy.spatial.transform import Rotation
+from sensor_msgs.msg import PointCloud2, PointField
+
+from neural_bone_reg.core.errors import InputError
+from neural_bone_reg.ros import conversions
+from neural_bone_reg.ros.conversions import (
+    _read_xyz_fallback, cloud_to_xyz, matrix_to_transform_stamped, transform_stamped_to_matrix,
+    xyz_to_cloud)
+
+STAMP_NS = 1_700_000_000_123_456_789
+
+
+def _readers():
+    """Both code paths, in the message's metres: the public function and the numpy fallback."""
+    return [pytest.param(functools.partial(cloud_to_xyz, unit='m'), id='cloud_to_xyz'),
+            pytest.param(_read_xyz_fallback, id='fallback')]
+
+
+def _cloud(points, *, extra=None, order=('x', 'y', 'z'), point_step=None, float_type='f4',
+           big_endian=False, height=1, row_padding=0):
+    """Build a PointCloud2 by hand with an arbitrary layout (the thing under test)."""
+    points = np.asarray(points, dtype=np.float64)
+    datatype = PointField.FLOAT32 if float_type == 'f4' else PointField.FLOAT64
+    size = np.dtype(float_type).itemsize
+    names = list(order) + ([] if extra is None else ['intensity'])
+    offsets = {name: i * size for i, name in enumerate(names)}
+    point_step = point_step or size * len(names)
+    endian = '>' if big_endian else '<'
+    formats = [endian + float_type] * len(names)
+    dtype = np.dtype({'names': names, 'formats': formats,
+                      'offsets': [offsets[n] for n in names], 'itemsize': point_step})
+    width = len(points) // height
+    rows = np.zeros((height, width), dtype=dtype)
+    for i, name in enumerate('xyz'):
+        rows[name] = points[:, i].reshape(height, width)
+    if extra is not None:
+        rows['intensity'] = np.asarray(extra).reshape(height, width)
+    raw = rows.view(np.uint8).reshape(height, width * point_step)
+    raw = np.hstack([raw, np.full((height, row_padding), 0xAB, np.uint8)])
+    msg = PointCloud2(height=height, width=width, point_step=point_step,
+                      row_step=width * point_step + row_padding, is_bigendian=big_endian,
+                      is_dense=bool(np.isfinite(points).all()))
+    msg.fields = [PointField(name=n, offset=offsets[n], datatype=datatype, count=1)
+                  for n in names]
+    msg.data = array.array('B', raw.tobytes())
+    return msg
+
+
+@pytest.fixture
+def points():
+    return np.random.default_rng(0).uniform(-0.3, 0.3, size=(50, 3))
+
+
+@pytest.mark.parametrize('read', _readers())
+def test_standard_layout(read, points):
+    xyz = read(_cloud(points))
+    assert xyz.dtype == np.float32 and xyz.shape == (50, 3)
+    np.testing.assert_allclose(xyz, points, atol=1e-7)
+
+
+@pytest.mark.parametrize('read', _readers())
+def test_nonstandard_order_offsets_and_padding(read, points):
+    intensity = np.arange(len(points), dtype=np.float64)
+    msg = _cloud(points, extra=intensity, order=('z', 'x', 'y'), point_step=32)
+    assert [f.name for f in msg.fields] == ['z', 'x', 'y', 'intensity']
+    np.testing.assert_allclose(read(msg), points, atol=1e-7)
+
+
+@pytest.mark.parametrize('read', _readers())
+def test_float64_fields(read, points):
+    xyz = read(_cloud(points, float_type='f8'))
+    assert xyz.dtype == np.float32
+    np.testing.assert_allclose(xyz, points, atol=1e-7)
+
+
+@pytest.mark.parametrize('read', _readers())
+@pytest.mark.parametrize('float_type', ['f4', 'f8'])
+def test_big_endian(read, points, float_type):
+    msg = _cloud(points, float_type=float_type, big_endian=True, extra=np.ones(len(points)))
+    np.testing.assert_allclose(read(msg), points, atol=1e-7)
+
+
+@pytest.mark.parametrize('read', _readers())
+def test_nonfinite_rows_dropped(read, points):
+    points[[3, 10]] = np.nan
+    points[20, 1] = np.inf
+    msg = _cloud(points)
+    assert not msg.is_dense
+    xyz = read(msg)
+    keep = np.isfinite(points).all(axis=1)
+    assert xyz.shape == (47, 3)
+    np.testing.assert_allclose(xyz, points[keep], atol=1e-7)
+
+
+@pytest.mark.parametrize('read', _readers())
+def test_organised_cloud_with_row_padding(read, points):
+    points = points[:48]
+    msg = _cloud(points, height=4, row_padding=7, extra=np.zeros(48), point_step=20)
+    assert msg.row_step == 12 * 20 + 7
+    np.testing.assert_allclose(read(msg), points, atol=1e-7)
+
+
+@pytest.mark.parametrize('read', _readers())
+def test_empty_cloud(read):
+    assert read(PointCloud2()).shape == (0, 3)
+    assert read(_cloud(np.zeros((0, 3)))).shape == (0, 3)
+
+
+@pytest.mark.parametrize('read', _readers())
+def test_missing_field(read, points):
+    msg = _cloud(points)
+    msg.fields = msg.fields[:2]
+    with pytest.raises(InputError, match=r"no field\(s\) \['z'\].*expected float x, y and z"):
+        read(msg)
+
+
+@pytest.mark.parametrize('read', _readers())
+def test_truncated_data(read, points):
+    msg = _cloud(points)
+    msg.data = msg.data[:-5]
+    with pytest.raises(InputError, match=r'595 bytes; expected row_step x height = 600 x 1'):
+        read(msg)
+
+
+@pytest.mark.parametrize('read', _readers())
+def test_row_step_too_small(read, points):
+    msg = _cloud(points)
+    msg.row_step -= 1
+    with pytest.raises(InputError, match='row_step'):
+        read(msg)
+
+
+@pytest.mark.parametrize('read', _readers())
+def test_unsupported_datatype(read, points):
+    msg = _cloud(points)
+    msg.fields[1].datatype = PointField.INT16
+    with pytest.raises(InputError, match=r"'y' has datatype 3 \(INT16\); expected FLOAT32"):
+        read(msg)
+
+
+@pytest.mark.parametrize('read', _readers())
+def test_field_beyond_point_step(read, points):
+    msg = _cloud(points)
+    msg.fields[2].offset = 10
+    with pytest.raises(InputError, match='beyond point_step 12'):
+        read(msg)
+
+
+def test_fallback_is_a_view_when_layout_allows(points):
+    msg = _cloud(points)
+    xyz = _read_xyz_fallback(msg)
+    assert np.shares_memory(xyz, np.frombuffer(msg.data, np.uint8))
+
+
+def test_public_reader_without_sensor_msgs_py(monkeypatch, points):
+    monkeypatch.setattr(conversions, '_point_cloud2', None)
+    xyz = cloud_to_xyz(_cloud(points, float_type='f8'), unit='m')
+    np.testing.assert_allclose(xyz, points, atol=1e-7)
+
+
+def test_arrays_are_millimetres_by_default(points):
+    xyz = cloud_to_xyz(_cloud(points))
+    assert xyz.dtype == np.float32
+    np.testing.assert_allclose(xyz, points * 1000.0, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(_read_xyz_fallback(xyz_to_cloud(xyz, 'f', 0)), points, atol=1e-7)
+
+
+def test_unknown_unit():
+    with pytest.raises(ValueError, match=r"unit must be one of \['m', 'mm'\], got 'cm'"):
+        xyz_to_cloud(np.zeros((1, 3)), 'f', 0, unit='cm')
+
+
+@pytest.mark.parametrize('stamp', [STAMP_NS, Time(sec=1_700_000_000, nanosec=123_456_789),
+                                   RclpyTime(nanoseconds=STAMP_NS)])
+def test_xyz_to_cloud_roundtrip_through_cdr(points, stamp):
+    msg = xyz_to_cloud(points * 1000.0, 'robot_base', stamp)  # mm in, metres in the message
+    assert msg.is_dense and msg.height == 1 and msg.width == 50 and msg.point_step == 12
+    assert msg.header.frame_id == 'robot_base'
+    assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == (1_700_000_000, 123_456_789)
+    back = deserialize_message(serialize_message(msg), PointCloud2)
+    np.testing.assert_allclose(cloud_to_xyz(back, unit='m'), points, atol=1e-7)
+    np.testing.assert_allclose(_read_xyz_fallback(back), points, atol=1e-7)
+    np.testing.assert_allclose(cloud_to_xyz(back), points * 1000.0, atol=1e-4)
+
+
+def test_xyz_to_cloud_keeps_nans(points):
+    points[7] = np.nan
+    msg = xyz_to_cloud(points, 'f', 0)
+    assert not msg.is_dense and msg.width == 50
+    assert cloud_to_xyz(msg).shape == (49, 3)
+
+
+def test_xyz_to_cloud_rejects_bad_shape():
+    with pytest.raises(ValueError, match=r'shape \(4, 2\); expected \(N, 3\)'):
+        xyz_to_cloud(np.zeros((4, 2)), 'f', 0)
+
+
+def _random_transform(seed):
+    rng = np.random.default_rng(seed)
+    transform = np.eye(4)
+    transform[:3, :3] = Rotation.random(random_state=seed).as_matrix()
+    transform[:3, 3] = rng.uniform(-200.0, 200.0, 3)
+    return transform
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_transform_roundtrip(seed):
+    transform = _random_transform(seed)
+    msg = matrix_to_transform_stamped(transform, 'robot_base', 'bone', STAMP_NS)  # mm
+    assert (msg.header.frame_id, msg.child_frame_id) == ('robot_base', 'bone')
+    assert msg.header.stamp.nanosec == 123_456_789
+    np.testing.assert_allclose(msg.transform.translation.x, transform[0, 3] / 1000.0)
+    back = transform_stamped_to_matrix(msg)
+    np.testing.assert_allclose(back, transform, atol=1e-9)
+    np.testing.assert_allclose(transform_stamped_to_matrix(msg, unit='m')[:3, 3],
+                               transform[:3, 3] / 1000.0, atol=1e-12)
+
+
+def test_transform_accepts_float32_matrix():
+    transform = _random_transform(1).astype(np.float32)
+    msg = matrix_to_transform_stamped(transform, 'a', 'b', 0)
+    np.testing.assert_allclose(transform_stamped_to_matrix(msg), transform, atol=1e-4)
+
+
+@pytest.mark.parametrize('bad, match', [
+    (np.eye(3), r'shape \(3, 3\)'),
+    (np.diag([1.0, 1.0, -1.0, 1.0]), 'not a proper rotation'),
+    (np.diag([2.0, 1.0, 1.0, 1.0]), 'not a proper rotation'),
+    (np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1.0]]), 'bottom row'),
+    (np.full((4, 4), np.nan), 'non-finite'),
+])
+def test_transform_rejects_non_rigid(bad, match):
+    with pytest.raises(ValueError, match=match):
+        matrix_to_transform_stamped(bad, 'a', 'b', 0)
+
+
+def test_transform_rejects_zero_quaternion():
+    msg = matrix_to_transform_stamped(np.eye(4), 'a', 'b', 0)
+    msg.transform.rotation.w = 0.0
+    with pytest.raises(ValueError, match='not a valid quaternion'):
+        transform_stamped_to_matrix(msg)
+
+
+def test_bad_stamp_type():
+    with pytest.raises(TypeError, match='stamp must be'):
+        xyz_to_cloud(np.zeros((1, 3)), 'f', 1.5)
+
+
+class _FakeSensorMsgsPy:
+    """Stands in for sensor_msgs_py.point_cloud2 to check which clouds are handed to it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def read_points_numpy(self, cloud, field_names, skip_nans):
+        assert field_names == ['x', 'y', 'z'] and skip_nans
+        self.calls += 1
+        return _read_xyz_fallback(cloud).astype(np.float64)
+
+
+@pytest.mark.parametrize('layout, used', [
+    (dict(), True),
+    (dict(float_type='f8', big_endian=True), True),
+    (dict(extra=np.zeros(48), order=('z', 'x', 'y'), point_step=32), True),
+    (dict(height=4, row_padding=3), False),  # read_points_numpy ignores row padding
+])
+def test_sensor_msgs_py_used_where_it_reads_right(monkeypatch, points, layout, used):
+    fake = _FakeSensorMsgsPy()
+    monkeypatch.setattr(conversions, '_point_cloud2', fake)
+    points = points[:48]
+    np.testing.assert_allclose(cloud_to_xyz(_cloud(points, **layout), unit='m'), points,
+                               atol=1e-7)
+    assert fake.calls == int(used)
