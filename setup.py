@@ -25,6 +25,8 @@ setup(
         'scipy>=1.10',
         'torch>=2.1',
         'trimesh>=4.0',
+        'libigl>=2.5',
+        'manifold3d>=2.3',
         'rtree>=1.0',
         'pyyaml>=6.0',
         'tqdm>=4.60',

@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-python3}
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" -U pip
 "${PIP[@]}" 'torch==2.13.0'
-"${PIP[@]}" numpy scipy trimesh rtree pyyaml tqdm matplotlib rosbags pytest \
+"${PIP[@]}" numpy scipy trimesh rtree libigl manifold3d pyyaml tqdm matplotlib rosbags pytest \
     'ros-rclpy[fastrtps]' ros-sensor-msgs ros-geometry-msgs ros-std-msgs ros-std-srvs \
     ros-diagnostic-msgs colcon-common-extensions
 "${PIP[@]}" --no-deps -e .

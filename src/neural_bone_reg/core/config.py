@@ -45,7 +45,7 @@ class UdfConfig:
 class TrainConfig:
     """How the UDF is fitted to one bone, and how it is distilled to a grid."""
 
-    iterations: int = 2500
+    iterations: int = 1500
     """Adam steps."""
     batch_size: int = 4096
     """Query points per step."""
@@ -95,10 +95,14 @@ class RegistrationConfig:
     """Width of the shared backbone's input embedding per hypothesis."""
     backbone_dim: int = 64
     """Width of the shared backbone MLP feeding the per-hypothesis heads."""
-    coarse_points: int = 96
+    coarse_points: int = 64
     """Cloud points scored per hypothesis in the coarse stage."""
     coarse_iterations: int = 120
     """Adam steps of the coarse stage."""
+    coarse_prune_every: int = 15
+    """Every this many coarse steps the worse half of the hypotheses is dropped (0 = never)."""
+    coarse_prune_keep: float = 0.5
+    """Share of hypotheses kept at each coarse pruning (successive halving)."""
     fine_top_k: int = 32
     """Hypotheses carried from the coarse to the fine stage."""
     fine_points: int = 1024
@@ -152,6 +156,10 @@ class RegistrationConfig:
                f'registration.coarse_points must be in [8, 1e5], got {self.coarse_points}')
         _check(0 <= self.coarse_iterations <= 100_000,
                f'registration.coarse_iterations must be in [0, 1e5], got {self.coarse_iterations}')
+        _check(0 <= self.coarse_prune_every <= 100_000,
+               f'registration.coarse_prune_every must be in [0, 1e5], got {self.coarse_prune_every}')
+        _check(0.0 < self.coarse_prune_keep < 1.0,
+               f'registration.coarse_prune_keep must be in (0, 1), got {self.coarse_prune_keep}')
         _check(1 <= self.fine_top_k <= self.num_hypotheses,
                f'registration.fine_top_k must be in [1, num_hypotheses={self.num_hypotheses}], '
                f'got {self.fine_top_k}')
@@ -198,7 +206,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 512 points, fine 3000 points for the top 64, no refinement. It is the baseline to beat.
     'paper': dict(num_hypotheses=5000, coarse_points=512, coarse_iterations=1000,
                   fine_top_k=64, fine_points=3000, fine_iterations=1000, learning_rate=1e-3,
-                  early_stop_tolerance=0.0, refine=False, final_candidates=8),
+                  early_stop_tolerance=0.0, coarse_prune_every=0, refine=False,
+                  final_candidates=8),
     # Small and quick, for tests and smoke runs.
     'fast': dict(num_hypotheses=512, coarse_iterations=60, fine_top_k=16, fine_points=512,
                  fine_iterations=40, final_candidates=4),

@@ -1,0 +1,116 @@
+"""Read bone meshes and point clouds, and reject unusable geometry with a clear message."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import trimesh
+
+from neural_bone_reg.core.errors import InputError
+
+MESH_SUFFIXES = ('.stl', '.ply', '.obj')
+CLOUD_SUFFIXES = ('.xyz', '.txt', '.ply', '.pcd', '.npy')
+#: A bone cloud whose bounding-box diagonal is below this is taken to be in metres, not mm.
+MIN_CLOUD_EXTENT_MM = 5.0
+#: A bone mesh smaller than this (bounding-box diagonal) is not in mm or is degenerate.
+MIN_MESH_EXTENT_MM = 10.0
+#: Coordinates beyond this magnitude are not a bone in mm in any sane robot frame.
+MAX_ABS_COORDINATE_MM = 1e6
+
+
+def file_sha256(path: str | Path) -> str:
+    """Return the hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as handle:
+        for block in iter(lambda: handle.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_mesh(path: str | Path) -> trimesh.Trimesh:
+    """Load a bone surface mesh (STL, PLY or OBJ, in mm) and check it is usable."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f'mesh file {path} does not exist; expected an STL, PLY or OBJ bone surface')
+    if path.suffix.lower() not in MESH_SUFFIXES:
+        raise InputError(f'mesh file {path} has suffix {path.suffix!r}; expected one of {MESH_SUFFIXES}')
+    try:
+        mesh = trimesh.load(path, force='mesh', process=True)
+    except Exception as exc:  # trimesh raises many types for corrupt files
+        raise InputError(f'cannot read mesh {path}: {exc}; expected a valid {path.suffix} surface') from exc
+    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
+        raise InputError(f'mesh {path} has no triangles; expected a closed bone surface')
+    check_mesh(mesh, str(path))
+    return mesh
+
+
+def check_mesh(mesh: trimesh.Trimesh, name: str = 'mesh') -> None:
+    """Raise InputError when a mesh is empty, non-finite, or too small to be a bone in mm."""
+    if len(mesh.faces) < 4:
+        raise InputError(f'{name} has {len(mesh.faces)} triangles; expected a closed bone surface')
+    if not np.isfinite(mesh.vertices).all():
+        raise InputError(f'{name} has non-finite vertices; expected finite coordinates in mm')
+    extent = float(np.linalg.norm(mesh.extents))
+    if extent < MIN_MESH_EXTENT_MM:
+        raise InputError(f'{name} spans only {extent:.3g} units; expected a bone in millimetres '
+                         f'(at least {MIN_MESH_EXTENT_MM} mm). Is it in metres?')
+    if mesh.area <= 0.0:
+        raise InputError(f'{name} has zero surface area; expected a bone surface')
+
+
+def load_cloud(path: str | Path) -> np.ndarray:
+    """Load an (N, 3) point cloud in mm from .xyz/.txt, .ply, .pcd or .npy."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f'cloud file {path} does not exist; expected one of {CLOUD_SUFFIXES}')
+    suffix = path.suffix.lower()
+    try:
+        if suffix in ('.xyz', '.txt'):
+            points = np.loadtxt(path, ndmin=2, usecols=(0, 1, 2), comments=('#', '//'))
+        elif suffix == '.npy':
+            points = np.load(path, allow_pickle=False)
+        elif suffix in ('.ply', '.pcd'):
+            geometry = trimesh.load(path, process=False)
+            points = np.asarray(getattr(geometry, 'vertices', np.empty((0, 3))))
+        else:
+            raise InputError(f'cloud file {path} has suffix {path.suffix!r}; expected one of '
+                             f'{CLOUD_SUFFIXES}')
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f'cannot read cloud {path}: {exc}; expected x y z rows in mm') from exc
+    return check_points(points, name=f'cloud {path}')
+
+
+def check_points(points: np.ndarray, name: str = 'cloud', min_points: int = 3,
+                 drop_nonfinite: bool = True) -> np.ndarray:
+    """Return a validated float64 (N, 3) copy of ``points``, or raise InputError.
+
+    Non-finite rows are dropped when ``drop_nonfinite`` (sensors mark missing returns with NaN);
+    what remains must be at least ``min_points`` points spanning a bone-sized extent in mm.
+    """
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise InputError(f'{name} has shape {points.shape}; expected (N, 3) x y z in mm')
+    if not np.issubdtype(points.dtype, np.number):
+        raise InputError(f'{name} has dtype {points.dtype}; expected floats')
+    points = points.astype(np.float64)
+    finite = np.isfinite(points).all(axis=1)
+    if not finite.all():
+        if not drop_nonfinite:
+            raise InputError(f'{name} has {int((~finite).sum())} non-finite points; expected finite mm')
+        points = points[finite]
+    if len(points) == 0:
+        raise InputError(f'{name} is empty (or all NaN); expected at least {min_points} points')
+    if len(points) < min_points:
+        raise InputError(f'{name} has {len(points)} valid points; expected at least {min_points}')
+    if np.abs(points).max() > MAX_ABS_COORDINATE_MM:
+        raise InputError(f'{name} has coordinates up to {np.abs(points).max():.3g}; expected mm '
+                         f'within {MAX_ABS_COORDINATE_MM:g}')
+    extent = float(np.linalg.norm(points.max(axis=0) - points.min(axis=0)))
+    if extent < MIN_CLOUD_EXTENT_MM:
+        raise InputError(f'{name} spans only {extent:.3g} units; expected a bone patch in millimetres '
+                         f'(at least {MIN_CLOUD_EXTENT_MM} mm across). Is it in metres?')
+    return points

@@ -1,0 +1,91 @@
+"""Local refinement: robust point-to-plane ICP against the bone's surface samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+from scipy.spatial.transform import Rotation
+
+#: Pairs farther apart than this many robust scales are ignored by ICP.
+ICP_REJECT_SCALES = 4.0
+
+
+@dataclass(frozen=True)
+class SurfaceModel:
+    """Surface samples with unit normals and a KD-tree over them, in the bone frame (mm)."""
+
+    points: np.ndarray
+    normals: np.ndarray
+    tree: cKDTree
+
+    @classmethod
+    def build(cls, points: np.ndarray, normals: np.ndarray) -> 'SurfaceModel':
+        """Index surface samples (M, 3) and their normals (M, 3)."""
+        points = np.asarray(points, dtype=np.float64)
+        normals = np.asarray(normals, dtype=np.float64)
+        normals = normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+        return cls(points, normals, cKDTree(points))
+
+    def distances(self, points: np.ndarray) -> np.ndarray:
+        """Return the distance (N,) to the surface: point-to-plane at the nearest sample.
+
+        The tangential part beyond the sample spacing is added back, so a point beside the
+        surface's edge is not mistaken for one on it.
+        """
+        dist, idx = self.tree.query(points, workers=-1)
+        normal_part = np.abs(np.einsum('ij,ij->i', points - self.points[idx], self.normals[idx]))
+        tangential = np.sqrt(np.maximum(dist ** 2 - normal_part ** 2, 0.0))
+        return np.sqrt(normal_part ** 2 + np.maximum(tangential - self.spacing, 0.0) ** 2)
+
+    @property
+    def spacing(self) -> float:
+        """Return the typical distance between neighbouring samples (mm)."""
+        if not hasattr(self, '_spacing'):
+            d, _ = self.tree.query(self.points[:: max(len(self.points) // 2000, 1)], k=2)
+            object.__setattr__(self, '_spacing', float(np.median(d[:, 1])))
+        return self._spacing
+
+
+@dataclass(frozen=True)
+class IcpResult:
+    """The refined transform and how the refinement went."""
+
+    rotation: np.ndarray
+    translation: np.ndarray
+    iterations: int
+    converged: bool
+
+
+def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
+               translation: np.ndarray, robust_scale_mm: float, max_iterations: int,
+               tolerance_mm: float) -> IcpResult:
+    """Refine ``p' = R p + t`` by Geman-McClure weighted point-to-plane ICP.
+
+    Stops early once an update moves the cloud by less than ``tolerance_mm`` (rotation measured
+    at the cloud's radius).
+    """
+    rotation = np.array(rotation, dtype=np.float64)
+    translation = np.array(translation, dtype=np.float64)
+    radius = float(np.linalg.norm(points - points.mean(axis=0), axis=1).mean()) or 1.0
+    for iteration in range(1, max_iterations + 1):
+        moved = points @ rotation.T + translation
+        dist, idx = surface.tree.query(moved, workers=-1,
+                                       distance_upper_bound=ICP_REJECT_SCALES * robust_scale_mm + surface.spacing)
+        valid = np.isfinite(dist)
+        if valid.sum() < 6:
+            return IcpResult(rotation, translation, iteration, False)
+        q, s, n = moved[valid], surface.points[idx[valid]], surface.normals[idx[valid]]
+        residual = np.einsum('ij,ij->i', q - s, n)
+        weight = (robust_scale_mm ** 2 / (robust_scale_mm ** 2 + residual ** 2)) ** 2
+        centre = q.mean(axis=0)  # linearise about the centroid: well conditioned far from origin
+        jac = np.hstack([np.cross(q - centre, n), n])  # d residual / d (omega, delta)
+        lhs = (jac * weight[:, None]).T @ jac + 1e-9 * np.eye(6)
+        step = np.linalg.solve(lhs, -(jac * weight[:, None]).T @ residual)
+        delta_r = Rotation.from_rotvec(step[:3]).as_matrix()
+        rotation = delta_r @ rotation
+        translation = delta_r @ (translation - centre) + centre + step[3:]
+        if np.linalg.norm(step[:3]) * radius + np.linalg.norm(step[3:]) < tolerance_mm:
+            return IcpResult(rotation, translation, iteration, True)
+    return IcpResult(rotation, translation, max_iterations, False)
