@@ -1,10 +1,10 @@
 """Declare ROS parameters that mirror the core config dataclasses, and read them back.
 
 Each field of ``UdfConfig``, ``TrainConfig`` and ``RegistrationConfig`` becomes a dotted
-parameter (``registration.num_hypotheses``) with the dataclass default, the field's docstring
-as its description and the range that ``__post_init__`` enforces as a descriptor range, so
-rclpy rejects an out-of-range value before the core sees it. Cross-field checks
-(``fine_top_k <= num_hypotheses``) stay in :func:`configs_from_dict`.
+parameter (``registration.num_hypotheses``) with the dataclass default, the field's docstring as its
+description and the range that ``__post_init__`` enforces (read from its source) as a
+descriptor range, so rclpy rejects an out-of-range value before the core sees it. Cross-field
+checks (``fine_top_k <= num_hypotheses``) stay in :func:`configs_from_dict`.
 """
 
 from __future__ import annotations
@@ -25,46 +25,60 @@ SECTIONS: dict[str, type] = {
     'registration': core_config.RegistrationConfig,
 }
 
-# Closed ranges mirroring the checks in core/config.py. Open bounds such as (0, 1] are given
-# closed here; configs_from_dict still rejects the excluded end point with a clear message.
-RANGES: dict[str, tuple[float, float]] = {
-    'udf.hidden_dim': (8, 1024),
-    'udf.num_hidden_layers': (1, 8),
-    'udf.num_frequencies': (0, 12),
-    'train.iterations': (1, 1_000_000),
-    'train.batch_size': (64, 1_000_000),
-    'train.learning_rate': (0.0, 1.0),
-    'train.num_samples': (1_000, 10_000_000),
-    'train.uniform_fraction': (0.0, 1.0),
-    'train.margin_mm': (0.0, 500.0),
-    'train.grid_voxel_mm': (0.25, 10.0),
-    'train.num_surface_points': (1_000, 1_000_000),
-    'train.seed': (0, 2**31 - 1),
-    'registration.num_hypotheses': (1, 100_000),
-    'registration.latent_dim': (1, 512),
-    'registration.backbone_dim': (1, 1024),
-    'registration.coarse_points': (8, 100_000),
-    'registration.coarse_iterations': (0, 100_000),
-    'registration.fine_top_k': (1, 100_000),
-    'registration.fine_points': (8, 1_000_000),
-    'registration.fine_iterations': (0, 100_000),
-    'registration.learning_rate': (0.0, 1.0),
-    'registration.translation_scale_mm': (0.0, 1000.0),
-    'registration.robust_scale_mm': (0.0, 100.0),
-    'registration.final_candidates': (1, 100_000),
-    'registration.distinct_rotation_deg': (0.0, 180.0),
-    'registration.distinct_translation_mm': (0.0, 1000.0),
-    'registration.refine_iterations': (0, 1000),
-    'registration.refine_tolerance_mm': (0.0, 10.0),
-    'registration.inlier_threshold_mm': (0.0, 100.0),
-    'registration.max_points': (3, 10_000_000),
-    'registration.min_points': (3, 10_000_000),
-    'registration.early_stop_tolerance': (0.0, 1.0),
-    'registration.gate_max_residual_mm': (0.0, 100.0),
-    'registration.gate_min_inlier_fraction': (0.0, 1.0),
-    'registration.gate_max_ambiguity': (0.0, 1.0),
-    'registration.seed': (0, 2**31 - 1),
-}
+#: Bounds used where ``__post_init__`` states none (seeds, or a bound given by another field).
+INT_FALLBACK = (0, 2**31 - 1)
+FLOAT_FALLBACK = (-1e300, 1e300)
+
+
+def _constant(node: ast.AST) -> float | None:
+    """Return the number an AST node spells (``1_000``, ``1e6``, ``-2``), else None."""
+    try:
+        value = ast.literal_eval(node)
+    except (ValueError, SyntaxError, TypeError):
+        return None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def field_ranges(cls: type) -> dict[str, tuple[float | None, float | None]]:
+    """Return ``{field: (low, high)}`` read from the ``low <= self.f <= high`` checks.
+
+    The bounds come from the comparisons in the dataclass's ``__post_init__``, so the ROS
+    descriptors follow the core's validation without a second table. A bound that is not a
+    literal (``fine_top_k <= num_hypotheses``) is None. Open bounds are reported closed;
+    ``configs_from_dict`` still rejects the end point itself with a clear message.
+    """
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    ranges: dict[str, list[float | None]] = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        if not all(isinstance(op, (ast.Lt, ast.LtE)) for op in node.ops):
+            continue
+        for i, operand in enumerate(operands):
+            if not (isinstance(operand, ast.Attribute) and isinstance(operand.value, ast.Name)
+                    and operand.value.id == 'self'):
+                continue
+            bounds = ranges.setdefault(operand.attr, [None, None])
+            low = _constant(operands[i - 1]) if i > 0 else None
+            high = _constant(operands[i + 1]) if i + 1 < len(operands) else None
+            if low is not None:
+                bounds[0] = low if bounds[0] is None else max(bounds[0], low)
+            if high is not None:
+                bounds[1] = high if bounds[1] is None else min(bounds[1], high)
+    return {name: (low, high) for name, (low, high) in ranges.items()}
+
+
+def parameter_range(section: str, name: str, default: Any) -> tuple[float, float] | None:
+    """Return the inclusive range of a config parameter, filling unstated bounds."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return None
+    low, high = field_ranges(SECTIONS[section]).get(name, (None, None))
+    fallback = INT_FALLBACK if isinstance(default, int) else FLOAT_FALLBACK
+    return (fallback[0] if low is None else low, fallback[1] if high is None else high)
 
 
 def field_docstrings(cls: type) -> dict[str, str]:
@@ -124,7 +138,8 @@ def declare_config_parameters(node: Node, sections: Iterable[str]) -> None:
             name = f'{section}.{f.name}'
             default = _ros_default(getattr(defaults, f.name))
             description = docs.get(f.name, f'{cls.__name__}.{f.name}')
-            declare(node, name, default, description, value_range=RANGES.get(name))
+            declare(node, name, default, description,
+                    value_range=parameter_range(section, f.name, default))
 
 
 def config_values(node: Node, sections: Iterable[str],

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Write config/preop_loader.yaml and config/registration_node.yaml from the core configs.
+
+The node-specific part of each file is kept here; the udf/train/registration sections are
+generated from the dataclasses in neural_bone_reg.core.config (defaults, field docstrings and
+the ranges their __post_init__ checks), so the files never drift from the core. Run it after
+adding or changing a config field: `.venv/bin/python scripts/gen_params_yaml.py`.
+test/ros/test_nodes.py fails when the files are out of date.
+"""
+
+import dataclasses
+from pathlib import Path
+import textwrap
+
+from neural_bone_reg.ros.params import field_docstrings, parameter_range, SECTIONS
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / 'config'
+WIDTH = 99
+
+PREOP_LOADER_HEAD = '''\
+# Parameters of the preop_loader node (neural_bone_reg). Load with
+#   preop_loader --ros-args --params-file config/preop_loader.yaml
+# Lengths are in mm. udf.* and train.* mirror neural_bone_reg.core.config.UdfConfig and
+# TrainConfig; together with the mesh's sha256 they key the checkpoint cache, so the CLI
+# (`neural-bone-reg train`) and this node share trained models when these values agree.
+/**:
+  ros__parameters:
+    # Preoperative bone surface mesh (STL, PLY or OBJ) in mm. Required. The literal value
+    # 'phantom' selects the embedded phantom proximal femur (for demos and tests). Read-only.
+    mesh_path: 'phantom'
+    # tf frame of the mesh; announced on the model topic, used as child frame of the
+    # registration. Read-only.
+    bone_frame: 'bone'
+    # Checkpoint cache folder; '' uses $NEURAL_BONE_REG_CACHE or ~/.cache/neural_bone_reg.
+    # Read-only.
+    cache_dir: ''
+    # Torch device for training: 'auto' (CUDA when present), 'cpu' or 'cuda'. Read-only.
+    device: 'auto'
+    # Configure and activate on start without a lifecycle manager. Set false to drive the
+    # lifecycle with `ros2 lifecycle set` or a lifecycle manager. Read-only.
+    autostart: true
+'''
+
+REGISTRATION_NODE_HEAD = '''\
+# Parameters of the registration_node (neural_bone_reg). Load with
+#   registration_node --ros-args --params-file config/registration_node.yaml -r points:=<topic>
+# Clouds and tf are in metres on the wire (REP 103); the core and every *_mm value here are
+# in mm. registration.* mirrors neural_bone_reg.core.config.RegistrationConfig; udf.* and
+# train.* matter only when this node trains from mesh_path itself.
+/**:
+  ros__parameters:
+    # 'sweep': accumulate the slices of a probe sweep and register the whole sweep (tracked
+    # ultrasound); 'single': register each cloud on its own (RGB-D).
+    mode: 'sweep'
+    # Parent frame of the broadcast transform; '' uses each cloud's header.frame_id. Clouds in
+    # another frame are rejected (the node does no tf lookups).
+    robot_frame: ''
+    # Child frame of the broadcast transform; '' takes bone_frame from the model message
+    # ('bone' for a model given by parameter).
+    bone_frame: ''
+    # UDF checkpoint to load at start; '' waits for the preop loader's latched model topic.
+    # Read-only.
+    checkpoint: ''
+    # Bone mesh (mm) to train or load from cache_dir at start when no checkpoint is given;
+    # 'phantom' is not special here. Read-only.
+    mesh_path: ''
+    # Checkpoint cache folder for mesh_path; '' uses the package default. Read-only.
+    cache_dir: ''
+    # Torch device: 'auto' (CUDA when present), 'cpu' or 'cuda'. Read-only.
+    device: 'auto'
+    # Registration preset: 'default', 'paper' or 'fast'. registration.* values left at the
+    # dataclass defaults take the preset's values. Read-only.
+    preset: 'default'
+    # Clouds declaring more points than this (width x height) are rejected before conversion.
+    # Range [1, 100000000].
+    max_cloud_points: 2000000
+    sweep:
+      # Points (after voxel downsampling) needed before a sweep is registered. Every new slice
+      # after that triggers a new solve on the newest data. Range [3, 10000000].
+      min_points: 1500
+      # Slices older than this (by header stamp) than the newest slice drop out, s.
+      # Range [0.01, 3600.0].
+      max_age_s: 30.0
+      # Voxel edge for downsampling the accumulated points, mm; 0 keeps every point.
+      # Range [0.0, 50.0].
+      voxel_mm: 1.0
+      # Most points held; the oldest slices drop out beyond it (bounded memory).
+      # Range [100, 10000000].
+      max_points: 60000
+'''
+
+
+def _yaml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, tuple):
+        return '[' + ', '.join(repr(float(v)) for v in value) + ']'
+    return repr(value)
+
+
+def section_yaml(name: str, indent: str = '    ') -> str:
+    """Return one commented config section of a params file."""
+    cls = SECTIONS[name]
+    docs = field_docstrings(cls)
+    defaults = cls()
+    lines = [f'{indent}{name}:']
+    for field in dataclasses.fields(cls):
+        value = getattr(defaults, field.name)
+        comment = docs.get(field.name, field.name)
+        bounds = parameter_range(name, field.name, value)
+        if bounds is not None:
+            comment += f' Range [{bounds[0]:g}, {bounds[1]:g}].'
+        for line in textwrap.wrap(comment, WIDTH - len(indent) - 4):
+            lines.append(f'{indent}  # {line}')
+        lines.append(f'{indent}  {field.name}: {_yaml_value(value)}')
+    return '\n'.join(lines) + '\n'
+
+
+def main() -> None:
+    """Write both params files."""
+    (CONFIG_DIR / 'preop_loader.yaml').write_text(
+        PREOP_LOADER_HEAD + section_yaml('udf') + section_yaml('train'))
+    (CONFIG_DIR / 'registration_node.yaml').write_text(
+        REGISTRATION_NODE_HEAD + section_yaml('registration') + section_yaml('udf')
+        + section_yaml('train'))
+
+
+if __name__ == '__main__':
+    main()

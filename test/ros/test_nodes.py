@@ -1,0 +1,573 @@
+"""In-process tests of preop_loader and registration_node over real rclpy and DDS.
+
+Parameters (declared, described, ranged, rejected when invalid), the worker's latest-only
+queue, the tf direction and units, and the diagnostics of bad input. Most tests hand the
+registration node a scripted registrar so they test the node, not the solver; the tests at the
+end use the real phantom model (trained once per session, see ros_test_support).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pytest
+import yaml
+
+rclpy = pytest.importorskip('rclpy', reason='rclpy is not importable')
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
+from rcl_interfaces.msg import ParameterType  # noqa: E402
+from rclpy.exceptions import InvalidParameterValueException  # noqa: E402
+from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+from sensor_msgs.msg import PointCloud2, PointField  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
+from std_srvs.srv import Trigger  # noqa: E402
+
+from neural_bone_reg import RegistrationResult  # noqa: E402
+from neural_bone_reg.core import sim  # noqa: E402
+from neural_bone_reg.core.config import RegistrationConfig, TrainConfig, UdfConfig  # noqa: E402
+from neural_bone_reg.core.se3 import apply_transform, invert_transform  # noqa: E402
+from neural_bone_reg.ros.conversions import (cloud_to_xyz, transform_stamped_to_matrix,  # noqa
+                                             xyz_to_cloud)
+from neural_bone_reg.ros.diagnostics import DIAGNOSTICS_QOS  # noqa: E402
+from neural_bone_reg.ros.model_info import decode_model_info  # noqa: E402
+from neural_bone_reg.ros.preop_loader import LATCHED_QOS, PreopLoader  # noqa: E402
+from neural_bone_reg.ros.registration_node import RegistrationNode  # noqa: E402
+from neural_bone_reg.ros.sweep_buffer import SweepBuffer, voxel_downsample  # noqa: E402
+from neural_bone_reg.ros.tf_compat import TfWaiter  # noqa: E402
+from ros_test_support import (CONFIG_DIR, Collector, find_status, MESSAGE_TIMEOUT_S,  # noqa
+                              rotation_error_deg, shared_cache_dir, small_configs,
+                              SOLVE_TIMEOUT_S, status_values, TEST_REGISTRATION, TEST_TRAIN,
+                              TEST_UDF, trained_phantom)
+
+#: A rigid transform T_bone_cloud the scripted registrar returns.
+FAKE_T = np.array([[0.0, -1.0, 0.0, 12.0],
+                   [1.0, 0.0, 0.0, -30.0],
+                   [0.0, 0.0, 1.0, 250.0],
+                   [0.0, 0.0, 0.0, 1.0]])
+
+
+class ScriptedRegistrar:
+    """Stand-in for BoneRegistrar: records calls, can block, returns a fixed result."""
+
+    def __init__(self, accepted: bool = True, reasons: tuple[str, ...] = (),
+                 block: bool = False, surface_points: np.ndarray | None = None) -> None:
+        self.calls: list[np.ndarray] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not block:
+            self.release.set()
+        self.accepted = accepted
+        self.reasons = reasons
+        self.surface_points = (surface_points if surface_points is not None
+                               else np.asarray(sim.make_phantom_mesh().vertices, np.float32))
+
+    def register(self, points: np.ndarray) -> RegistrationResult:
+        self.calls.append(np.array(points, copy=True))
+        self.started.set()
+        if not self.release.wait(SOLVE_TIMEOUT_S):
+            raise RuntimeError('test never released the scripted registrar')
+        return RegistrationResult(transform=FAKE_T.copy(), accepted=self.accepted,
+                                  residual_mm=0.8, inlier_fraction=0.95,
+                                  ambiguity=0.9 if not self.accepted else 0.1,
+                                  rejection_reasons=self.reasons, n_points=len(points),
+                                  time_s=0.01, timings={'coarse_s': 0.005})
+
+
+@pytest.fixture
+def spin(ros_context: Any, ros_executor: Any) -> Iterator[Callable[[Any], Any]]:
+    """Yield ``spin(node)``: add a node to the executor; destroy it after the test."""
+    nodes = []
+
+    def add(node: Any) -> Any:
+        nodes.append(node)
+        ros_executor.add_node(node)
+        return node
+
+    yield add
+    for node in reversed(nodes):
+        ros_executor.remove_node(node)
+        node.destroy_node()
+
+
+@pytest.fixture
+def probe(make_node: Callable[..., Any]) -> Any:
+    """Return a plain node for test publishers and subscribers."""
+    return make_node('test_probe')
+
+
+@pytest.fixture(scope='session')
+def phantom_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train the phantom once into the session cache; return the folder."""
+    folder = shared_cache_dir(tmp_path_factory.getbasetemp())
+    trained_phantom(folder)
+    return folder
+
+
+def registration_node(ros_context: Any, **params: Any) -> RegistrationNode:
+    """Create a registration node with parameter overrides (dotted names allowed)."""
+    overrides = [Parameter(name, value=value) for name, value in params.items()]
+    return RegistrationNode(context=ros_context, parameter_overrides=overrides)
+
+
+def cloud(points_mm: np.ndarray, frame: str = 'robot', stamp_ns: int = 1_000_000_000
+          ) -> PointCloud2:
+    """Return a PointCloud2 (metres on the wire) of mm points."""
+    return xyz_to_cloud(np.asarray(points_mm, np.float32), frame, stamp_ns)
+
+
+def patch_points(seed: int = 0, n: int = 400) -> np.ndarray:
+    """Return a partial phantom cloud in the mesh frame (mm)."""
+    rng = np.random.default_rng(seed)
+    return sim.simulate_partial_cloud(sim.make_phantom_mesh(), rng, n_points=n).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- parameters
+
+
+def test_every_config_field_is_a_described_ranged_parameter(ros_context: Any) -> None:
+    node = registration_node(ros_context)
+    try:
+        for section, cls in (('udf', UdfConfig), ('train', TrainConfig),
+                             ('registration', RegistrationConfig)):
+            for field in dataclasses.fields(cls):
+                name = f'{section}.{field.name}'
+                assert node.has_parameter(name), name
+                desc = node.describe_parameter(name)
+                assert desc.description and desc.description != name, name
+                value = getattr(cls(), field.name)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    assert desc.integer_range or desc.floating_point_range, name
+        for name in ('checkpoint', 'mesh_path', 'cache_dir', 'device', 'preset'):
+            assert node.describe_parameter(name).read_only, name
+        assert node.describe_parameter('mode').type == ParameterType.PARAMETER_STRING
+        assert node.get_parameter('registration.num_hypotheses').value == \
+            RegistrationConfig().num_hypotheses
+    finally:
+        node.destroy_node()
+
+
+def test_preset_and_overrides_build_the_config(ros_context: Any) -> None:
+    node = registration_node(ros_context, preset='fast', **{'registration.fine_top_k': 5})
+    try:
+        config = node._configs.registration
+        assert config.num_hypotheses == 512  # from the preset
+        assert config.fine_top_k == 5  # the explicit parameter wins
+    finally:
+        node.destroy_node()
+
+
+@pytest.mark.parametrize('name,value,expected', [
+    ('registration.num_hypotheses', 0, 'registration.num_hypotheses'),
+    ('sweep.voxel_mm', -1.0, 'sweep.voxel_mm'),
+    ('max_cloud_points', 0, 'max_cloud_points'),
+])
+def test_out_of_range_parameter_is_rejected_at_start(ros_context: Any, name: str, value: Any,
+                                                     expected: str) -> None:
+    with pytest.raises(InvalidParameterValueException, match=expected.replace('.', r'\.')):
+        registration_node(ros_context, **{name: value})
+
+
+@pytest.mark.parametrize('params,expected', [
+    ({'registration.fine_top_k': 64, 'registration.num_hypotheses': 32}, 'fine_top_k'),
+    ({'registration.backend': 'voxels'}, 'registration.backend'),
+    ({'mode': 'burst'}, "'mode'"),
+    ({'device': 'tpu'}, "'device'"),
+    ({'preset': 'fastest'}, 'preset'),
+])
+def test_inconsistent_parameters_are_rejected_with_the_field_named(
+        ros_context: Any, params: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ValueError, match=expected):
+        registration_node(ros_context, **params)
+
+
+def test_runtime_parameter_changes_are_validated(ros_context: Any) -> None:
+    node = registration_node(ros_context)
+    try:
+        bad = node.set_parameters([Parameter('registration.fine_top_k', value=5000)])[0]
+        assert not bad.successful and 'fine_top_k' in bad.reason
+        assert node.get_parameter('registration.fine_top_k').value == 32
+        read_only = node.set_parameters([Parameter('device', value='cpu')])[0]
+        assert not read_only.successful
+        assert not node.set_parameters([Parameter('mode', value='burst')])[0].successful
+        ok = node.set_parameters([Parameter('registration.fine_top_k', value=16),
+                                  Parameter('sweep.min_points', value=50)])
+        assert all(r.successful for r in ok)
+        assert node._configs.registration.fine_top_k == 16
+        assert node._sweep_min_points == 50
+    finally:
+        node.destroy_node()
+
+
+@pytest.mark.parametrize('filename,node_cls,sections', [
+    ('registration_node.yaml', RegistrationNode, ('udf', 'train', 'registration')),
+    ('preop_loader.yaml', PreopLoader, ('udf', 'train')),
+])
+def test_params_files_cover_every_parameter_with_the_core_defaults(
+        ros_context: Any, filename: str, node_cls: type, sections: tuple[str, ...]) -> None:
+    text = (CONFIG_DIR / filename).read_text()
+    params = yaml.safe_load(text)['/**']['ros__parameters']
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict):
+                walk(f'{prefix}{key}.', value)
+            else:
+                flat[f'{prefix}{key}'] = value
+    walk('', params)
+    baseline = rclpy.node.Node('baseline', context=ros_context)
+    node = node_cls(context=ros_context)
+    try:
+        declared = set(node._parameters) - set(baseline._parameters)
+        assert set(flat) == declared, 'params file and declared parameters differ'
+        for section in sections:
+            defaults = dataclasses.asdict({'udf': UdfConfig, 'train': TrainConfig,
+                                           'registration': RegistrationConfig}[section]())
+            for key, default in defaults.items():
+                value = flat[f'{section}.{key}']
+                expected = list(default) if isinstance(default, tuple) else default
+                assert value == expected, f'{filename}: {section}.{key}={value} != {expected}'
+    finally:
+        node.destroy_node()
+        baseline.destroy_node()
+    # Every parameter line is preceded by a comment line.
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped and not stripped.startswith('#') and not stripped.endswith(':'):
+            assert lines[i - 1].strip().startswith('#'), f'{filename}:{i + 1} has no comment'
+
+
+# ---------------------------------------------------------------------------- worker
+
+
+def test_worker_keeps_only_the_latest_cloud_and_never_blocks_the_executor(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
+    node = spin(registration_node(ros_context, mode='single', bone_frame='bone'))
+    scripted = ScriptedRegistrar(block=True)
+    node.use_registrar(scripted)
+    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    waiter = TfWaiter(probe, 'robot', 'bone')
+    clouds = {name: patch_points(seed) for seed, name in enumerate('ABCD')}
+    stamps = {name: (10 + i) * 1_000_000_000 for i, name in enumerate('ABCD')}
+    pub.publish(cloud(clouds['A'], stamp_ns=stamps['A']))
+    assert scripted.started.wait(MESSAGE_TIMEOUT_S), 'the worker never started on cloud A'
+    for name in 'BCD':
+        pub.publish(cloud(clouds[name], stamp_ns=stamps[name]))
+    # The callback runs while the worker is stuck in register(): the executor is free.
+    deadline = threading.Event()
+    for _ in range(100):
+        if node.n_received >= 4:
+            break
+        deadline.wait(0.05)
+    assert node.n_received == 4, f'callbacks blocked: only {node.n_received} clouds received'
+    assert len(scripted.calls) == 1
+    scripted.release.set()
+    assert node.wait_idle(SOLVE_TIMEOUT_S)
+    assert len(scripted.calls) == 2, 'B and C must be dropped, never queued'
+    np.testing.assert_allclose(scripted.calls[1], clouds['D'], atol=1e-3)
+    assert node.n_dropped == 2
+    transform = waiter.wait(MESSAGE_TIMEOUT_S)
+    while transform is not None and (transform.header.stamp.sec != 13):
+        waiter.clear()
+        transform = waiter.wait(MESSAGE_TIMEOUT_S)
+    assert transform is not None, 'no tf for the latest cloud'
+    # tf carries T_cloud_bone = inverse(T_bone_cloud), translation in metres on the wire.
+    assert abs(transform.transform.translation.z - invert_transform(FAKE_T)[2, 3] / 1000) < 1e-9
+    np.testing.assert_allclose(transform_stamped_to_matrix(transform), invert_transform(FAKE_T),
+                               atol=1e-6)
+
+
+def test_registered_points_are_the_cloud_in_the_bone_frame(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
+    node = spin(registration_node(ros_context, mode='single', bone_frame='femur'))
+    node.use_registrar(ScriptedRegistrar())
+    out = Collector(probe, PointCloud2, '/registered_points', LATCHED_QOS)
+    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    points = patch_points(3)
+    pub.publish(cloud(points, frame='tracker'))
+    msg = out.wait_for(lambda m: True, SOLVE_TIMEOUT_S)
+    assert msg is not None and msg.header.frame_id == 'femur'
+    np.testing.assert_allclose(cloud_to_xyz(msg), apply_transform(FAKE_T, points), atol=1e-2)
+
+
+def test_rejected_result_gives_a_warning_and_no_tf(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
+    node = spin(registration_node(ros_context, mode='single'))
+    node.use_registrar(ScriptedRegistrar(accepted=False,
+                                         reasons=('ambiguity 0.90 > gate 0.80',)))
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    waiter = TfWaiter(probe, 'robot', 'bone')
+    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    pub.publish(cloud(patch_points(1)))
+    array = diags.wait_for(lambda a: find_status(a, 'registration', level=DiagnosticStatus.WARN)
+                           is not None, SOLVE_TIMEOUT_S)
+    assert array is not None, 'no WARN diagnostic for a rejected result'
+    status = find_status(array, 'registration', level=DiagnosticStatus.WARN)
+    assert 'ambiguity 0.90 > gate 0.80' in status.message
+    assert status_values(status)['accepted'] == 'False'
+    assert node.wait_idle(SOLVE_TIMEOUT_S)
+    assert node.n_broadcasts == 0
+    assert waiter.latest is None
+
+
+def _bad_clouds() -> dict[str, PointCloud2]:
+    good = patch_points(5)
+    empty = cloud(np.zeros((0, 3)), frame='bad_empty')
+    nan = cloud(np.full((500, 3), np.nan), frame='bad_nan')
+    no_z = cloud(good, frame='bad_fields')
+    no_z.fields = [f for f in no_z.fields if f.name != 'z']
+    ints = cloud(good, frame='bad_datatype')
+    ints.fields = [PointField(name=f.name, offset=f.offset, datatype=PointField.INT32, count=1)
+                   for f in ints.fields]
+    huge = PointCloud2()  # declares 10 M points but carries no data: must not be converted
+    huge.header.frame_id = 'bad_huge'
+    huge.width, huge.height, huge.point_step = 10_000_000, 1, 12
+    huge.row_step = 120_000_000
+    huge.fields = cloud(good).fields
+    truncated = cloud(good, frame='bad_truncated')
+    truncated.data = truncated.data[:-7]
+    millimetres = cloud(good * 1000.0, frame='bad_units')  # mm values on a metre wire
+    return {'empty': empty, 'nan': nan, 'fields': no_z, 'datatype': ints, 'huge': huge,
+            'truncated': truncated, 'units': millimetres}
+
+
+@pytest.mark.parametrize('case,needle', [
+    ('empty', 'empty'), ('nan', 'all NaN'), ('fields', "'z'"), ('datatype', 'INT32'),
+    ('huge', 'max_cloud_points'), ('truncated', 'bytes'), ('units', 'mm?'),
+])
+def test_bad_input_gives_an_error_diagnostic_no_tf_and_the_node_goes_on(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any, case: str,
+        needle: str) -> None:
+    node = spin(registration_node(ros_context, mode='single'))
+    scripted = ScriptedRegistrar()
+    node.use_registrar(scripted)
+    assert node.wait_idle(MESSAGE_TIMEOUT_S)
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    bad = _bad_clouds()[case]
+    frame = bad.header.frame_id
+    bad_tf = TfWaiter(probe, frame, 'bone')
+    good_tf = TfWaiter(probe, 'good', 'bone')
+    pub.publish(bad)
+    array = diags.wait_for(lambda a: find_status(a, 'input', frame_id=frame) is not None,
+                           MESSAGE_TIMEOUT_S)
+    assert array is not None, f'no diagnostic for the {case} cloud'
+    status = find_status(array, 'input', frame_id=frame)
+    assert status.level == DiagnosticStatus.ERROR
+    assert needle in status.message, status.message
+    assert scripted.calls == [], 'bad input reached the solver'
+    pub.publish(cloud(patch_points(6), frame='good'))
+    assert good_tf.wait(SOLVE_TIMEOUT_S) is not None, 'the next good cloud was not registered'
+    assert bad_tf.latest is None
+
+
+def test_a_cloud_in_another_frame_than_robot_frame_is_rejected(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
+    node = spin(registration_node(ros_context, mode='single', robot_frame='world'))
+    node.use_registrar(ScriptedRegistrar())
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    pub.publish(cloud(patch_points(), frame='camera'))
+    array = diags.wait_for(lambda a: find_status(a, 'input', frame_id='camera') is not None,
+                           MESSAGE_TIMEOUT_S)
+    assert array is not None and 'robot_frame' in find_status(array, 'input').message
+
+
+def test_sweep_mode_accumulates_slices_until_min_points(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
+    node = spin(registration_node(ros_context, mode='sweep',
+                                  **{'sweep.min_points': 1000, 'sweep.voxel_mm': 0.0}))
+    scripted = ScriptedRegistrar()
+    node.use_registrar(scripted)
+    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    waiter = TfWaiter(probe, 'robot', 'bone')
+    rng = np.random.default_rng(0)
+    slices = sim.simulate_sweep(sim.make_phantom_mesh(), rng, n_frames=5, points_per_frame=300)
+    for i, piece in enumerate(slices[:3]):
+        pub.publish(cloud(piece, stamp_ns=(100 + i) * 10**8))
+    for _ in range(100):
+        if node.n_received >= 3:
+            break
+        threading.Event().wait(0.05)
+    assert node.wait_idle(MESSAGE_TIMEOUT_S)
+    assert scripted.calls == [], 'solved before sweep.min_points were collected'
+    pub.publish(cloud(slices[3], stamp_ns=103 * 10**8))
+    transform = waiter.wait(SOLVE_TIMEOUT_S)
+    assert transform is not None
+    assert node.wait_idle(SOLVE_TIMEOUT_S)
+    assert len(scripted.calls[-1]) == 1200, 'the solve must see all four slices'
+    assert (transform.header.stamp.sec, transform.header.stamp.nanosec) == (10, 300_000_000)
+
+
+def test_register_now_and_reset_services(ros_context: Any, spin: Callable[[Any], Any],
+                                         probe: Any, ros_executor: Any) -> None:
+    node = spin(registration_node(ros_context, mode='sweep', **{'sweep.min_points': 5000}))
+    scripted = ScriptedRegistrar()
+    register_now = probe.create_client(Trigger, '/registration_node/register_now')
+    reset = probe.create_client(Trigger, '/registration_node/reset')
+    assert register_now.wait_for_service(MESSAGE_TIMEOUT_S)
+
+    def call(client: Any) -> Any:
+        future = client.call_async(Trigger.Request())
+        done = threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        assert done.wait(MESSAGE_TIMEOUT_S)
+        return future.result()
+
+    assert not call(register_now).success  # no model yet
+    node.use_registrar(scripted)
+    assert node.wait_idle(MESSAGE_TIMEOUT_S)
+    response = call(register_now)
+    assert not response.success and 'empty' in response.message
+    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    pub.publish(cloud(patch_points(n=300)))
+    for _ in range(100):
+        if node.n_received >= 1:
+            break
+        threading.Event().wait(0.05)
+    assert node.wait_idle(MESSAGE_TIMEOUT_S) and scripted.calls == []
+    assert call(register_now).success
+    assert node.wait_idle(SOLVE_TIMEOUT_S) and len(scripted.calls) == 1
+    assert call(reset).success
+    response = call(register_now)
+    assert not response.success and 'empty' in response.message
+
+
+def test_sweep_buffer_bounds_age_and_size() -> None:
+    buffer = SweepBuffer(max_age_s=1.0, voxel_mm=0.0, max_points=1000)
+    pts = np.random.default_rng(0).uniform(0, 100, (400, 3)).astype(np.float32)
+    buffer.add(pts, 'robot', 0)
+    buffer.add(pts + 1, 'robot', 500_000_000)
+    assert buffer.n_points == 800
+    buffer.add(pts + 2, 'robot', 1_200_000_000)  # the first slice is now 1.2 s old
+    assert buffer.n_points == 800 and buffer.snapshot().n_slices == 2
+    buffer.add(pts + 3, 'robot', 1_300_000_000)
+    buffer.add(pts + 4, 'robot', 1_400_000_000)  # over max_points: the oldest slices drop
+    assert buffer.n_points <= 1000
+    assert buffer.add(pts, 'other_frame', 1_500_000_000)  # a frame change starts a new sweep
+    assert buffer.n_points == 400 and buffer.frame_id == 'other_frame'
+    dense = np.zeros((50, 3), np.float32)
+    assert len(voxel_downsample(dense, 1.0)) == 1
+
+
+# ---------------------------------------------------------------------------- model topic
+
+
+def test_bad_model_messages_are_reported_and_the_node_keeps_running(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any, tmp_path: Path) -> None:
+    node = spin(registration_node(ros_context, mode='single'))
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    model_pub = probe.create_publisher(String, '/model', LATCHED_QOS)
+    model_pub.publish(String(data='not json'))
+    assert diags.wait_for(lambda a: find_status(a, 'model', level=DiagnosticStatus.ERROR)
+                          is not None, MESSAGE_TIMEOUT_S) is not None
+    corrupt = tmp_path / 'corrupt.pt'
+    corrupt.write_bytes(b'\x00garbage' * 100)
+    start = diags.count()
+    model_pub.publish(String(data=json.dumps({
+        'checkpoint': str(corrupt), 'sha256': 'ab' * 32, 'units': 'mm', 'bone_frame': 'bone',
+        'format_version': 1})))
+    array = diags.wait_for(lambda a: find_status(a, 'model', level=DiagnosticStatus.ERROR)
+                           is not None, SOLVE_TIMEOUT_S, start=start)
+    assert array is not None
+    message = find_status(array, 'model').message
+    assert 'corrupt' in message and str(corrupt) in message
+    assert node._registrar is None
+
+
+# ---------------------------------------------------------------------------- preop loader
+
+
+def test_preop_loader_requires_a_mesh_path(ros_context: Any, spin: Callable[[Any], Any]) -> None:
+    node = spin(PreopLoader(context=ros_context))
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert 'mesh_path' in node.failure
+
+
+def test_preop_loader_reports_a_missing_mesh_and_stays_up(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any, tmp_path: Path) -> None:
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    missing = tmp_path / 'no_such_femur.stl'
+    node = spin(PreopLoader(context=ros_context, parameter_overrides=[
+        Parameter('mesh_path', value=str(missing)), Parameter('cache_dir', value=str(tmp_path))]))
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    array = diags.wait_for(lambda a: find_status(a, 'model', level=DiagnosticStatus.ERROR)
+                           is not None, MESSAGE_TIMEOUT_S)
+    assert array is not None
+    assert str(missing) in find_status(array, 'model').message
+    assert not node.ready.is_set()
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS  # still alive
+
+
+# ---------------------------------------------------------------------------- real model
+
+
+def test_preop_loader_publishes_the_model_latched(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any, phantom_cache: Path) -> None:
+    configs = small_configs()
+    overrides = [Parameter('mesh_path', value='phantom'),
+                 Parameter('cache_dir', value=str(phantom_cache)),
+                 Parameter('bone_frame', value='femur_ct')]
+    overrides += [Parameter(f'udf.{k}', value=v) for k, v in TEST_UDF.items()]
+    overrides += [Parameter(f'train.{k}', value=v) for k, v in TEST_TRAIN.items()]
+    node = spin(PreopLoader(context=ros_context, parameter_overrides=overrides))
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    assert node.ready.wait(SOLVE_TIMEOUT_S), node.failure
+    # Subscribed only now: the latched samples must still arrive.
+    models = Collector(probe, String, '/model', LATCHED_QOS)
+    surfaces = Collector(probe, PointCloud2, '/bone_surface', LATCHED_QOS)
+    msg = models.wait_for(lambda m: True, MESSAGE_TIMEOUT_S)
+    assert msg is not None
+    info = decode_model_info(msg.data)
+    registrar = trained_phantom(phantom_cache)
+    assert Path(info.checkpoint) == registrar.checkpoint_path.resolve()
+    assert info.sha256 == registrar.geometry_sha256 and info.bone_frame == 'femur_ct'
+    surface = surfaces.wait_for(lambda m: True, MESSAGE_TIMEOUT_S)
+    assert surface is not None and surface.header.frame_id == 'femur_ct'
+    np.testing.assert_allclose(cloud_to_xyz(surface), registrar.surface_points, atol=1e-2)
+    assert configs.train.iterations == TEST_TRAIN['iterations']
+
+
+def test_real_registration_of_a_posed_phantom_patch_and_of_a_foreign_bone(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any, phantom_cache: Path,
+        tmp_path: Path) -> None:
+    registrar = trained_phantom(phantom_cache)
+    params = {'mode': 'single', 'checkpoint': str(registrar.checkpoint_path), 'preset': 'fast'}
+    params.update({f'registration.{k}': v for k, v in TEST_REGISTRATION.items()})
+    node = spin(registration_node(ros_context, **params))
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    rng = np.random.default_rng(7)
+    t_robot_bone = sim.random_pose(rng)
+    mesh = sim.make_phantom_mesh()
+    sweep = np.vstack(sim.simulate_sweep(mesh, rng))
+    good_tf = TfWaiter(probe, 'robot', 'bone')
+    pub.publish(cloud(apply_transform(t_robot_bone, sweep), frame='robot'))
+    transform = good_tf.wait(SOLVE_TIMEOUT_S)
+    assert transform is not None, [s.message for a in diags.messages for s in a.status]
+    estimate = transform_stamped_to_matrix(transform)
+    assert rotation_error_deg(estimate[:3, :3], t_robot_bone[:3, :3]) < 2.0
+    assert np.linalg.norm(estimate[:3, 3] - t_robot_bone[:3, 3]) < 2.0
+    # A different bone: a sphere-ish blob of the right size is no femur.
+    other = np.random.default_rng(1).normal(size=(3000, 3))
+    other = 40.0 * other / np.linalg.norm(other, axis=1, keepdims=True)
+    foreign_tf = TfWaiter(probe, 'robot_foreign', 'bone')
+    pub.publish(cloud(other, frame='robot_foreign'))
+    array = diags.wait_for(
+        lambda a: find_status(a, 'registration', frame_id='robot_foreign') is not None,
+        SOLVE_TIMEOUT_S)
+    assert array is not None
+    status = find_status(array, 'registration', frame_id='robot_foreign')
+    assert status.level in (DiagnosticStatus.WARN, DiagnosticStatus.ERROR), status.message
+    assert 'no transform broadcast' in status.message
+    assert foreign_tf.latest is None
