@@ -52,6 +52,8 @@ LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
 #: Training progress is logged and published at most once per this many seconds.
 PROGRESS_PERIOD_S = 2.0
+#: Period of the /diagnostics heartbeat that repeats the model status for late joiners, s.
+DIAGNOSTICS_PERIOD_S = 1.0
 #: Seconds the worker is given to stop when the node cleans up or shuts down.
 WORKER_JOIN_TIMEOUT_S = 10.0
 
@@ -83,6 +85,9 @@ class PreopLoader(LifecycleNode):
         # Diagnostics live outside the lifecycle so a failed configure is reported too.
         self._diag_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC,
                                                DIAGNOSTICS_QOS)
+        self._model_status: tuple[bytes, str, dict[str, Any]] = (
+            WARN, 'not configured yet', {})
+        self._diag_timer = self.create_timer(DIAGNOSTICS_PERIOD_S, self.on_diagnostics_timer)
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._worker: threading.Thread | None = None
@@ -179,8 +184,7 @@ class PreopLoader(LifecycleNode):
             self._last_progress = now
             message = f'training the bone distance field: step {step}/{total}, loss {loss:.4g}'
             self.get_logger().info(message)
-            self._diag_pub.publish(diagnostic_array(
-                self, 'model', OK, message, {'step': step, 'total': total, 'loss': loss}))
+            self._set_status(OK, message, {'step': step, 'total': total, 'loss': loss})
 
     def _prepare_model(self, mesh_path: str, cache_dir: str | None, device: str | None,
                        bone_frame: str, configs: Any) -> None:
@@ -191,9 +195,8 @@ class PreopLoader(LifecycleNode):
         try:
             if mesh_path == PHANTOM:
                 mesh_path = str(sim.phantom_mesh_path(cache_dir))
-            self._diag_pub.publish(diagnostic_array(
-                self, 'model', WARN, f'preparing the bone model from {mesh_path}',
-                {'mesh_path': mesh_path}))
+            self._set_status(WARN, f'preparing the bone model from {mesh_path}',
+                             {'mesh_path': mesh_path})
             registrar = BoneRegistrar.from_mesh(mesh_path, device=device, cache_dir=cache_dir,
                                                 configs=configs, progress=self._on_progress)
         except _Cancelled:
@@ -219,10 +222,8 @@ class PreopLoader(LifecycleNode):
         message = (f'bone model ready in {time.monotonic() - started:.1f} s: '
                    f'{info.checkpoint} ({len(registrar.surface_points)} surface points)')
         self.get_logger().info(message)
-        self._diag_pub.publish(diagnostic_array(
-            self, 'model', OK, message,
-            {'checkpoint': info.checkpoint, 'mesh_sha256': info.sha256,
-             'bone_frame': bone_frame}))
+        self._set_status(OK, message, {'checkpoint': info.checkpoint, 'mesh_sha256': info.sha256,
+                                       'bone_frame': bone_frame})
         self.ready.set()
 
     def _publish_model_locked(self) -> None:
@@ -233,7 +234,17 @@ class PreopLoader(LifecycleNode):
     def _fail(self, message: str) -> None:
         self.failure = message
         self.get_logger().error(message)
-        self._diag_pub.publish(diagnostic_array(self, 'model', ERROR, message))
+        self._set_status(ERROR, message)
+
+    def _set_status(self, level: bytes, message: str,
+                    values: dict[str, Any] | None = None) -> None:
+        self._model_status = (level, message, dict(values or {}))
+        self.on_diagnostics_timer()
+
+    def on_diagnostics_timer(self) -> None:
+        """Publish the model status now; a timer repeats it for late subscribers."""
+        level, message, values = self._model_status
+        self._diag_pub.publish(diagnostic_array(self, 'model', level, message, values))
 
     def destroy_node(self) -> None:
         """Abort any training, then destroy the node."""

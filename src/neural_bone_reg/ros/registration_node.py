@@ -62,6 +62,8 @@ LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
 LOG_THROTTLE_S = 2.0
 #: Seconds the worker is given to finish when the node is destroyed.
 WORKER_JOIN_TIMEOUT_S = 5.0
+#: Period of the /diagnostics heartbeat that repeats the model status for late joiners, s.
+DIAGNOSTICS_PERIOD_S = 1.0
 #: Hard upper bound of the max_cloud_points parameter.
 MAX_CLOUD_POINTS_LIMIT = 100_000_000
 
@@ -151,6 +153,9 @@ class RegistrationNode(Node):
         self._points_sub = self.create_subscription(PointCloud2, 'points', self.on_points,
                                                     qos_profile_sensor_data)
         self._model_sub = self.create_subscription(String, 'model', self.on_model, LATCHED_QOS)
+        self._model_status: tuple[bytes, str, dict[str, Any]] = (
+            WARN, f'waiting for a model on {self.resolve_topic_name("model")}', {})
+        self._diag_timer = self.create_timer(DIAGNOSTICS_PERIOD_S, self.on_diagnostics_timer)
         self._register_srv = self.create_service(Trigger, '~/register_now',
                                                  self.on_register_now)
         self._reset_srv = self.create_service(Trigger, '~/reset', self.on_reset)
@@ -557,8 +562,15 @@ class RegistrationNode(Node):
                             'stamp': f'{stamp.sec}.{stamp.nanosec:09d}',
                             'width': msg.width, 'height': msg.height})
 
+    def on_diagnostics_timer(self) -> None:
+        """Repeat the model status, as diagnostic_updater does, for late subscribers."""
+        level, message, values = self._model_status
+        self._diag_pub.publish(diagnostic_array(self, 'model', level, message, values))
+
     def _publish_diag(self, component: str, level: bytes, message: str,
                       values: dict[str, Any] | None = None) -> None:
+        if component == 'model':
+            self._model_status = (level, message, dict(values or {}))
         self._diag_pub.publish(diagnostic_array(self, component, level, message, values))
 
     def destroy_node(self) -> None:

@@ -1,0 +1,341 @@
+"""Cross-process tests: the installed node executables, the package's params files, real DDS.
+
+The preop loader and registration nodes run as child processes started from their console
+scripts (the venv's bin/ with ``pip install -e``, or colcon's lib/neural_bone_reg), with
+config/*.yaml plus a small test override file. A simulated sweep bag is replayed into them
+and the broadcast tf is compared with the bag's true pose. Then every kind of bad input, a
+missing mesh and a corrupt checkpoint: each must give an explaining diagnostic, no tf, and a
+node that stays up and registers the next good cloud.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip('rclpy', reason='rclpy is not importable')
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
+from rclpy.context import Context  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.node import Node  # noqa: E402
+from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+from sensor_msgs.msg import PointCloud2, PointField  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
+from tf2_msgs.msg import TFMessage  # noqa: E402
+
+from neural_bone_reg.core import sim  # noqa: E402
+from neural_bone_reg.core.se3 import apply_transform  # noqa: E402
+from neural_bone_reg.ros.bag import play_bag, write_sweep_bag  # noqa: E402
+from neural_bone_reg.ros.conversions import (transform_stamped_to_matrix,  # noqa: E402
+                                             xyz_to_cloud)
+from neural_bone_reg.ros.diagnostics import DIAGNOSTICS_QOS  # noqa: E402
+from neural_bone_reg.ros.model_info import decode_model_info  # noqa: E402
+from neural_bone_reg.ros.tf_compat import DYNAMIC_LISTENER_QOS, TfWaiter  # noqa: E402
+from neural_bone_reg.ros.preop_loader import LATCHED_QOS  # noqa: E402
+from ros_test_support import (CONFIG_DIR, Collector, find_executable, find_status,  # noqa: E402
+                              flat_parameters, MESSAGE_TIMEOUT_S, rotation_error_deg,
+                              shared_cache_dir, small_configs, SOLVE_TIMEOUT_S,
+                              trained_phantom, write_params_file)
+
+#: Node start-up (imports torch) plus loading a cached model.
+START_TIMEOUT_S = 60.0
+#: How long a node gets to exit after SIGINT.
+EXIT_TIMEOUT_S = 15.0
+ROBOT_FRAME = 'robot_base'
+CLOUD_TOPIC = '/us/points'
+MAX_ROTATION_ERROR_DEG = 2.0
+MAX_TRANSLATION_ERROR_MM = 2.0
+
+pytestmark = pytest.mark.skipif(find_executable('registration_node') is None
+                                or find_executable('preop_loader') is None,
+                                reason='node executables not installed: run `make setup` '
+                                       '(pip install -e .) or colcon build + source install')
+
+
+class NodeProcess:
+    """One node executable running as a child process, with its output in a log file."""
+
+    def __init__(self, executable: str, args: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, 'wb')
+        self.popen = subprocess.Popen([find_executable(executable), *args], stdout=self._log,
+                                      stderr=subprocess.STDOUT, env=dict(os.environ))
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors='replace')[-4000:]
+
+    def stop(self) -> Optional[int]:
+        """Send SIGINT, wait, kill if needed; return the exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+            try:
+                self.popen.wait(EXIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(EXIT_TIMEOUT_S)
+        self._log.close()
+        return self.popen.returncode
+
+
+class Probe:
+    """A test node in its own context, spinning in a thread, with collectors."""
+
+    def __init__(self) -> None:
+        self.context = Context()
+        rclpy.init(context=self.context)
+        self.node = Node('integration_probe', context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+        self.diags = Collector(self.node, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+        self.tf = Collector(self.node, TFMessage, '/tf', DYNAMIC_LISTENER_QOS)
+        self.models = Collector(self.node, String, '/model', LATCHED_QOS)
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self._thread.join(MESSAGE_TIMEOUT_S)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+    def wait_diag(self, name_part: str, timeout_s: float, frame_id: Optional[str] = None,
+                  level: Optional[bytes] = None, start: int = 0) -> Any:
+        array = self.diags.wait_for(
+            lambda a: find_status(a, name_part, frame_id, level) is not None, timeout_s, start)
+        return None if array is None else find_status(array, name_part, frame_id, level)
+
+    def wait_tf(self, parent: str, child: str, timeout_s: float,
+                stamp: Optional[Any] = None) -> Any:
+        def match(transform: Any) -> bool:
+            return (transform.header.frame_id == parent and transform.child_frame_id == child
+                    and (stamp is None or (transform.header.stamp.sec, transform.header.stamp
+                                           .nanosec) == (stamp.sec, stamp.nanosec)))
+        msg = self.tf.wait_for(lambda m: any(match(t) for t in m.transforms), timeout_s)
+        return None if msg is None else next(t for t in msg.transforms if match(t))
+
+    def parents_seen(self) -> set[str]:
+        return {t.header.frame_id for m in list(self.tf.messages) for t in m.transforms}
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory: pytest.TempPathFactory, ros_domain_id: int) -> Iterator[dict]:
+    """Train the phantom (session cache), start a preop loader process and a probe."""
+    cache = shared_cache_dir(tmp_path_factory.getbasetemp())
+    registrar = trained_phantom(cache)
+    work = tmp_path_factory.mktemp('integration')
+    configs = small_configs()
+    preop_params = write_params_file(work / 'preop_test.yaml', {
+        'mesh_path': 'phantom', 'cache_dir': str(cache),
+        **flat_parameters(configs, ('udf', 'train'))})
+    reg_params = write_params_file(work / 'registration_test.yaml', {
+        'preset': 'fast', 'sweep': {'min_points': 1500},
+        **flat_parameters(configs, ('registration',))})
+    probe = Probe()
+    procs: list[NodeProcess] = []
+
+    def start(executable: str, name: str, params: list[Path], *extra: str) -> NodeProcess:
+        config = CONFIG_DIR / f'{executable}.yaml'
+        args = ['--ros-args', '-r', f'__node:={name}', '--params-file', str(config)]
+        for path in params:
+            args += ['--params-file', str(path)]
+        proc = NodeProcess(executable, args + list(extra), work / f'{name}.log')
+        procs.append(proc)
+        return proc
+
+    loader = start('preop_loader', 'preop_loader', [preop_params])
+    state = {'registrar': registrar, 'cache': cache, 'work': work, 'probe': probe,
+             'start': start, 'reg_params': reg_params, 'loader': loader, 'procs': procs}
+    try:
+        yield state
+    finally:
+        for proc in procs:
+            proc.stop()
+        probe.close()
+
+
+def test_preop_loader_process_announces_the_cached_model(setup: dict) -> None:
+    probe, loader = setup['probe'], setup['loader']
+    msg = probe.models.wait_for(lambda m: True, START_TIMEOUT_S)
+    assert msg is not None, loader.log()
+    info = decode_model_info(msg.data)
+    assert Path(info.checkpoint) == setup['registrar'].checkpoint_path.resolve()
+    assert info.sha256 == setup['registrar'].geometry_sha256
+    assert info.bone_frame == 'bone' and info.units == 'mm'
+
+
+def test_sweep_bag_is_registered_within_2_deg_and_2_mm(setup: dict) -> None:
+    probe, work = setup['probe'], setup['work']
+    node = setup['start']('registration_node', 'registration_sweep', [setup['reg_params']],
+                          '-r', f'points:={CLOUD_TOPIC}')
+    rng = np.random.default_rng(2024)
+    t_robot_bone = sim.random_pose(rng)
+    sweep = sim.simulate_sweep(sim.make_phantom_mesh(), rng, n_frames=20, points_per_frame=300)
+    start_ns = time.time_ns()
+    stamps = [start_ns + i * 50_000_000 for i in range(len(sweep))]
+    bag = write_sweep_bag(work / 'sweep_bag', [apply_transform(t_robot_bone, c) for c in sweep],
+                          stamps, t_robot_bone, robot_frame=ROBOT_FRAME, cloud_topic=CLOUD_TOPIC)
+    model_loaded = probe.wait_diag('registration_sweep: model', START_TIMEOUT_S,
+                                   level=DiagnosticStatus.OK)
+    assert model_loaded is not None, node.log()
+    waiter = TfWaiter(probe.node, ROBOT_FRAME, 'bone')
+    sent = play_bag(bag, node=probe.node, delay_s=0.5)
+    assert sent == len(sweep) + 1
+    last = xyz_to_cloud(np.zeros((1, 3)), ROBOT_FRAME, stamps[-1]).header.stamp
+    transform = probe.wait_tf(ROBOT_FRAME, 'bone', SOLVE_TIMEOUT_S, stamp=last)
+    assert transform is not None, 'no tf for the complete sweep\n' + node.log()
+    assert waiter.wait(MESSAGE_TIMEOUT_S) is not None
+    estimate = transform_stamped_to_matrix(transform)
+    rotation_error = rotation_error_deg(estimate[:3, :3], t_robot_bone[:3, :3])
+    translation_error = float(np.linalg.norm(estimate[:3, 3] - t_robot_bone[:3, 3]))
+    assert rotation_error < MAX_ROTATION_ERROR_DEG, rotation_error
+    assert translation_error < MAX_TRANSLATION_ERROR_MM, translation_error
+    assert node.alive()
+
+
+def _good_cloud(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pose = sim.random_pose(rng)
+    return pose, apply_transform(pose, np.vstack(sim.simulate_sweep(sim.make_phantom_mesh(), rng)))
+
+
+def _bad_clouds() -> dict[str, PointCloud2]:
+    _, good = _good_cloud(1)
+    bad: dict[str, PointCloud2] = {}
+    bad['empty'] = xyz_to_cloud(np.zeros((0, 3)), 'bad_empty', 1)
+    bad['nan'] = xyz_to_cloud(np.full((800, 3), np.nan), 'bad_nan', 1)
+    no_x = xyz_to_cloud(good, 'bad_fields', 1)
+    no_x.fields = [f for f in no_x.fields if f.name != 'x']
+    bad['fields'] = no_x
+    ints = xyz_to_cloud(good, 'bad_datatype', 1)
+    ints.fields = [PointField(name=f.name, offset=f.offset, datatype=PointField.UINT16, count=1)
+                   for f in ints.fields]
+    bad['datatype'] = ints
+    huge = PointCloud2()
+    huge.header.frame_id = 'bad_huge'
+    huge.width, huge.height, huge.point_step, huge.row_step = 10_000_000, 1, 12, 120_000_000
+    huge.fields = xyz_to_cloud(good, 'x', 1).fields
+    bad['huge'] = huge
+    bad['units'] = xyz_to_cloud(good * 1000.0, 'bad_units', 1)  # mm numbers on a metre wire
+    # A different bone of a similar size: an ellipsoid is no femur.
+    blob = np.random.default_rng(3).normal(size=(4000, 3))
+    blob = blob / np.linalg.norm(blob, axis=1, keepdims=True) * (30.0, 40.0, 90.0)
+    bad['foreign'] = xyz_to_cloud(blob + (300.0, 0.0, 0.0), 'bad_foreign', 1)
+    return bad
+
+
+@pytest.mark.parametrize('case', ['empty', 'nan', 'fields', 'datatype', 'huge', 'units',
+                                  'foreign'])
+def test_bad_input_is_explained_without_tf_and_the_next_good_cloud_registers(
+        setup: dict, case: str) -> None:
+    probe = setup['probe']
+    if 'single' not in setup:
+        setup['single'] = setup['start'](
+            'registration_node', 'registration_single', [setup['reg_params']],
+            '-p', 'mode:=single', '-r', 'points:=/single/points')
+        assert probe.wait_diag('registration_single: model', START_TIMEOUT_S,
+                               level=DiagnosticStatus.OK) is not None, setup['single'].log()
+        setup['single_pub'] = probe.node.create_publisher(PointCloud2, '/single/points',
+                                                          qos_profile_sensor_data)
+    node, pub = setup['single'], setup['single_pub']
+    bad = _bad_clouds()[case]
+    frame = bad.header.frame_id
+    start = probe.diags.count()
+    pub.publish(bad)
+    status = probe.wait_diag('registration_single', SOLVE_TIMEOUT_S, frame_id=frame,
+                             start=start)
+    assert status is not None, f'no diagnostic for the {case} cloud\n' + node.log()
+    expected = DiagnosticStatus.WARN if case == 'foreign' else DiagnosticStatus.ERROR
+    assert status.level in (expected, DiagnosticStatus.ERROR), status.message
+    assert 'no transform broadcast' in status.message and len(status.message) > 40
+    pose, good = _good_cloud(sum(map(ord, case)))
+    good_frame = f'good_after_{case}'
+    pub.publish(xyz_to_cloud(good, good_frame, 1))
+    transform = probe.wait_tf(good_frame, 'bone', SOLVE_TIMEOUT_S)
+    assert transform is not None, f'no tf for the good cloud after {case}\n' + node.log()
+    estimate = transform_stamped_to_matrix(transform)
+    assert rotation_error_deg(estimate[:3, :3], pose[:3, :3]) < MAX_ROTATION_ERROR_DEG
+    assert np.linalg.norm(estimate[:3, 3] - pose[:3, 3]) < MAX_TRANSLATION_ERROR_MM
+    assert frame not in probe.parents_seen(), f'tf broadcast for the {case} cloud'
+    assert node.alive()
+
+
+def test_missing_mesh_is_reported_and_the_loader_stays_up(setup: dict) -> None:
+    probe, work = setup['probe'], setup['work']
+    missing = work / 'no_such_femur.stl'
+    loader = setup['start']('preop_loader', 'preop_missing', [], '-p', f'mesh_path:={missing}',
+                            '-p', f'cache_dir:={work}', '-r', 'model:=/missing/model')
+    status = probe.wait_diag('preop_missing: model', START_TIMEOUT_S,
+                             level=DiagnosticStatus.ERROR)
+    assert status is not None, loader.log()
+    assert str(missing) in status.message and 'does not exist' in status.message
+    assert loader.alive()
+
+
+def test_corrupt_checkpoint_is_reported_and_nodes_recover(setup: dict) -> None:
+    probe, work, registrar = setup['probe'], setup['work'], setup['registrar']
+    corrupt_cache = work / 'corrupt_cache'
+    corrupt_cache.mkdir()
+    phantom = sim.phantom_mesh_path(setup['cache'])
+    shutil.copy(phantom, corrupt_cache / phantom.name)
+    corrupt = corrupt_cache / registrar.checkpoint_path.name
+    corrupt.write_bytes(registrar.checkpoint_path.read_bytes()[:5000])  # truncated file
+    configs = small_configs()
+    params = write_params_file(work / 'preop_corrupt.yaml', {
+        'mesh_path': str(corrupt_cache / phantom.name), 'cache_dir': str(corrupt_cache),
+        **flat_parameters(configs, ('udf', 'train'))})
+    loader = setup['start']('preop_loader', 'preop_corrupt', [params],
+                            '-r', 'model:=/corrupt/model')
+    status = probe.wait_diag('preop_corrupt: model', START_TIMEOUT_S,
+                             level=DiagnosticStatus.ERROR)
+    assert status is not None, loader.log()
+    assert 'checkpoint' in status.message and str(corrupt) in status.message
+    assert loader.alive()
+    # The registration node given the corrupt checkpoint reports it, waits for a model on its
+    # topic, and registers once a good model is announced there.
+    node = setup['start']('registration_node', 'registration_corrupt', [setup['reg_params']],
+                          '-p', 'mode:=single', '-p', f'checkpoint:={corrupt}',
+                          '-r', 'model:=/corrupt/model', '-r', 'points:=/corrupt/points')
+    status = probe.wait_diag('registration_corrupt: model', START_TIMEOUT_S,
+                             level=DiagnosticStatus.ERROR)
+    assert status is not None, node.log()
+    assert str(corrupt) in status.message
+    good_model = probe.models.wait_for(lambda m: True, MESSAGE_TIMEOUT_S)
+    model_pub = probe.node.create_publisher(String, '/corrupt/model', LATCHED_QOS)
+    model_pub.publish(good_model)
+    assert probe.wait_diag('registration_corrupt: model', START_TIMEOUT_S,
+                           level=DiagnosticStatus.OK) is not None, node.log()
+    pose, good = _good_cloud(11)
+    pub = probe.node.create_publisher(PointCloud2, '/corrupt/points', qos_profile_sensor_data)
+    pub.publish(xyz_to_cloud(good, 'good_after_corrupt', 1))
+    assert probe.wait_tf('good_after_corrupt', 'bone', SOLVE_TIMEOUT_S) is not None, node.log()
+
+
+def test_invalid_parameters_stop_the_node_with_a_clear_message(setup: dict) -> None:
+    exe = find_executable('registration_node')
+    result = subprocess.run(
+        [exe, '--ros-args', '-r', '__node:=registration_invalid', '-p',
+         'registration.fine_top_k:=4096'], capture_output=True, text=True,
+        timeout=START_TIMEOUT_S)
+    assert result.returncode == 2, result.stderr
+    assert 'fine_top_k' in result.stderr + result.stdout
+
+
+def test_nodes_exit_cleanly_on_sigint(setup: dict) -> None:
+    for proc in setup['procs']:
+        assert proc.alive(), proc.log()
+    codes = {proc.log_path.stem: proc.stop() for proc in setup['procs']}
+    assert all(code == 0 for code in codes.values()), codes
