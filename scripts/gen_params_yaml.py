@@ -17,7 +17,7 @@ from neural_bone_reg.ros.params import field_docstrings, parameter_range, SECTIO
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'config'
 WIDTH = 99
 
-PREOP_LOADER_HEAD = '''\
+PREOP_LOADER_HEAD = """\
 # Parameters of the preop_loader node (neural_bone_reg). Load with
 #   preop_loader --ros-args --params-file config/preop_loader.yaml
 # Lengths are in mm. udf.* and train.* mirror neural_bone_reg.core.config.UdfConfig and
@@ -39,9 +39,9 @@ PREOP_LOADER_HEAD = '''\
     # Configure and activate on start without a lifecycle manager. Set false to drive the
     # lifecycle with `ros2 lifecycle set` or a lifecycle manager. Read-only.
     autostart: true
-'''
+"""
 
-REGISTRATION_NODE_HEAD = '''\
+REGISTRATION_NODE_HEAD = """\
 # Parameters of the registration_node (neural_bone_reg). Load with
 #   registration_node --ros-args --params-file config/registration_node.yaml -r points:=<topic>
 # Clouds and tf are in metres on the wire (REP 103); the core and every *_mm value here are
@@ -87,7 +87,7 @@ REGISTRATION_NODE_HEAD = '''\
       # Most points held; the oldest slices drop out beyond it (bounded memory).
       # Range [100, 10000000].
       max_points: 60000
-'''
+"""
 
 
 def _yaml_value(value: object) -> str:

@@ -19,30 +19,27 @@ import threading
 import time
 from typing import Any, Iterator, Optional
 
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
 import pytest
+import rclpy
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import PointCloud2, PointField
+from std_msgs.msg import String
+from tf2_msgs.msg import TFMessage
 
-rclpy = pytest.importorskip('rclpy', reason='rclpy is not importable')
-
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
-from rclpy.context import Context  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
-from rclpy.node import Node  # noqa: E402
-from rclpy.qos import qos_profile_sensor_data  # noqa: E402
-from sensor_msgs.msg import PointCloud2, PointField  # noqa: E402
-from std_msgs.msg import String  # noqa: E402
-from tf2_msgs.msg import TFMessage  # noqa: E402
-
-from neural_bone_reg.core import sim  # noqa: E402
-from neural_bone_reg.core.se3 import apply_transform  # noqa: E402
-from neural_bone_reg.ros.bag import play_bag, write_sweep_bag  # noqa: E402
-from neural_bone_reg.ros.conversions import (transform_stamped_to_matrix,  # noqa: E402
-                                             xyz_to_cloud)
-from neural_bone_reg.ros.diagnostics import DIAGNOSTICS_QOS  # noqa: E402
-from neural_bone_reg.ros.model_info import decode_model_info  # noqa: E402
-from neural_bone_reg.ros.tf_compat import DYNAMIC_LISTENER_QOS, TfWaiter  # noqa: E402
-from neural_bone_reg.ros.preop_loader import LATCHED_QOS  # noqa: E402
-from ros_test_support import (CONFIG_DIR, Collector, find_executable, find_status,  # noqa: E402
+from neural_bone_reg.core import sim
+from neural_bone_reg.core.se3 import apply_transform
+from neural_bone_reg.ros.bag import play_bag, write_sweep_bag
+from neural_bone_reg.ros.conversions import transform_stamped_to_matrix, xyz_to_cloud
+from neural_bone_reg.ros.diagnostics import DIAGNOSTICS_QOS
+from neural_bone_reg.ros.model_info import decode_model_info
+from neural_bone_reg.ros.preop_loader import LATCHED_QOS
+from neural_bone_reg.ros.tf_compat import DYNAMIC_LISTENER_QOS, TfWaiter
+from ros_test_support import (Collector, CONFIG_DIR, find_executable, find_status,
                               flat_parameters, MESSAGE_TIMEOUT_S, rotation_error_deg,
                               shared_cache_dir, small_configs, SOLVE_TIMEOUT_S,
                               trained_phantom, write_params_file)

@@ -10,39 +10,37 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 from pathlib import Path
+import threading
 from typing import Any, Callable, Iterator
 
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
 import pytest
+from rcl_interfaces.msg import ParameterType
+from rclpy.exceptions import InvalidParameterValueException
+from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import PointCloud2, PointField
+from std_msgs.msg import String
+from std_srvs.srv import Trigger
 import yaml
 
-rclpy = pytest.importorskip('rclpy', reason='rclpy is not importable')
-
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
-from rcl_interfaces.msg import ParameterType  # noqa: E402
-from rclpy.exceptions import InvalidParameterValueException  # noqa: E402
-from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import qos_profile_sensor_data  # noqa: E402
-from sensor_msgs.msg import PointCloud2, PointField  # noqa: E402
-from std_msgs.msg import String  # noqa: E402
-from std_srvs.srv import Trigger  # noqa: E402
-
-from neural_bone_reg import RegistrationResult  # noqa: E402
-from neural_bone_reg.core import sim  # noqa: E402
-from neural_bone_reg.core.config import RegistrationConfig, TrainConfig, UdfConfig  # noqa: E402
-from neural_bone_reg.core.se3 import apply_transform, invert_transform  # noqa: E402
-from neural_bone_reg.ros.conversions import (cloud_to_xyz, transform_stamped_to_matrix,  # noqa
+from neural_bone_reg import RegistrationResult
+from neural_bone_reg.core import sim
+from neural_bone_reg.core.config import RegistrationConfig, TrainConfig, UdfConfig
+from neural_bone_reg.core.se3 import apply_transform, invert_transform
+from neural_bone_reg.ros.conversions import (cloud_to_xyz, transform_stamped_to_matrix,
                                              xyz_to_cloud)
-from neural_bone_reg.ros.diagnostics import DIAGNOSTICS_QOS  # noqa: E402
-from neural_bone_reg.ros.model_info import decode_model_info  # noqa: E402
-from neural_bone_reg.ros.preop_loader import LATCHED_QOS, PreopLoader  # noqa: E402
-from neural_bone_reg.ros.registration_node import RegistrationNode  # noqa: E402
-from neural_bone_reg.ros.sweep_buffer import SweepBuffer, voxel_downsample  # noqa: E402
-from neural_bone_reg.ros.tf_compat import TfWaiter  # noqa: E402
-from ros_test_support import (CONFIG_DIR, Collector, find_status, MESSAGE_TIMEOUT_S,  # noqa
+from neural_bone_reg.ros.diagnostics import DIAGNOSTICS_QOS
+from neural_bone_reg.ros.model_info import decode_model_info
+from neural_bone_reg.ros.preop_loader import LATCHED_QOS, PreopLoader
+from neural_bone_reg.ros.registration_node import RegistrationNode
+from neural_bone_reg.ros.sweep_buffer import SweepBuffer, voxel_downsample
+from neural_bone_reg.ros.tf_compat import TfWaiter
+from ros_test_support import (Collector, CONFIG_DIR, find_status, MESSAGE_TIMEOUT_S,
                               rotation_error_deg, shared_cache_dir, small_configs,
                               SOLVE_TIMEOUT_S, status_values, TEST_REGISTRATION, TEST_TRAIN,
                               TEST_UDF, trained_phantom)
@@ -223,7 +221,7 @@ def test_params_files_cover_every_parameter_with_the_core_defaults(
             else:
                 flat[f'{prefix}{key}'] = value
     walk('', params)
-    baseline = rclpy.node.Node('baseline', context=ros_context)
+    baseline = Node('baseline', context=ros_context)
     node = node_cls(context=ros_context)
     try:
         declared = set(node._parameters) - set(baseline._parameters)
@@ -544,7 +542,7 @@ def test_real_registration_of_a_posed_phantom_patch_and_of_a_foreign_bone(
     registrar = trained_phantom(phantom_cache)
     params = {'mode': 'single', 'checkpoint': str(registrar.checkpoint_path), 'preset': 'fast'}
     params.update({f'registration.{k}': v for k, v in TEST_REGISTRATION.items()})
-    node = spin(registration_node(ros_context, **params))
+    spin(registration_node(ros_context, **params))
     diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
     pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
     rng = np.random.default_rng(7)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
+import json
 
 #: Version of this JSON layout; a reader refuses any other.
 MODEL_INFO_FORMAT_VERSION = 1
@@ -37,7 +37,8 @@ def decode_model_info(text: str) -> ModelInfo:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f'model message is not JSON ({exc}); expected a ModelInfo object') from exc
+        raise ValueError(f'model message is not JSON ({exc}); expected a ModelInfo '
+                         'object') from exc
     if not isinstance(data, dict):
         raise ValueError(f'model message holds {type(data).__name__}; expected a JSON object')
     missing = sorted({'checkpoint', 'sha256', 'bone_frame', 'units', 'format_version'} - set(data))

@@ -1,10 +1,10 @@
 """Declare ROS parameters that mirror the core config dataclasses, and read them back.
 
 Each field of ``UdfConfig``, ``TrainConfig`` and ``RegistrationConfig`` becomes a dotted
-parameter (``registration.num_hypotheses``) with the dataclass default, the field's docstring as its
-description and the range that ``__post_init__`` enforces (read from its source) as a
-descriptor range, so rclpy rejects an out-of-range value before the core sees it. Cross-field
-checks (``fine_top_k <= num_hypotheses``) stay in :func:`configs_from_dict`.
+parameter (``registration.num_hypotheses``) with the dataclass default, the field's
+docstring as its description and the range that ``__post_init__`` enforces (read from its
+source) as a descriptor range, so rclpy rejects an out-of-range value before the core sees
+it. Cross-field checks (``fine_top_k <= num_hypotheses``) stay in :func:`configs_from_dict`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import dataclasses
 import inspect
 from typing import Any, Iterable, Mapping
 
-from neural_bone_reg.core import config as core_config
-from neural_bone_reg.core.config import Configs, configs_from_dict
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.node import Node
+
+from neural_bone_reg.core import config as core_config
+from neural_bone_reg.core.config import Configs, configs_from_dict
 
 SECTIONS: dict[str, type] = {
     'udf': core_config.UdfConfig,

@@ -25,8 +25,8 @@ import threading
 import time
 from typing import Any
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
+import rclpy
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
@@ -38,8 +38,8 @@ from std_msgs.msg import String
 from neural_bone_reg.core.errors import CheckpointError, InputError
 from neural_bone_reg.ros import params as ros_params
 from neural_bone_reg.ros.conversions import xyz_to_cloud
-from neural_bone_reg.ros.diagnostics import (DIAGNOSTICS_QOS, DIAGNOSTICS_TOPIC,
-                                             diagnostic_array, ERROR, OK, WARN)
+from neural_bone_reg.ros.diagnostics import (diagnostic_array, DIAGNOSTICS_QOS,
+                                             DIAGNOSTICS_TOPIC, ERROR, OK, WARN)
 from neural_bone_reg.ros.model_info import encode_model_info, ModelInfo
 
 NODE_NAME = 'preop_loader'
@@ -112,7 +112,7 @@ class PreopLoader(LifecycleNode):
             bone_frame = self.get_parameter('bone_frame').value
             if not mesh_path:
                 raise ValueError("parameter 'mesh_path' is required: a bone mesh in mm, or "
-                                 f"{PHANTOM!r} for the embedded phantom")
+                                 f'{PHANTOM!r} for the embedded phantom')
             if device not in DEVICES:
                 raise ValueError(f"parameter 'device' must be one of {DEVICES}, got {device!r}")
             if not bone_frame:

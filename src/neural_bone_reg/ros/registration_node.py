@@ -18,15 +18,15 @@ T_bone_cloud; the tf transform (parent = cloud/robot frame, child = bone frame) 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray
 import numpy as np
-import rclpy
 from rcl_interfaces.msg import SetParametersResult
+import rclpy
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
@@ -44,8 +44,8 @@ from neural_bone_reg.core.se3 import apply_transform, invert_transform
 from neural_bone_reg.ros import params as ros_params
 from neural_bone_reg.ros.conversions import (cloud_to_xyz, matrix_to_transform_stamped,
                                              xyz_to_cloud)
-from neural_bone_reg.ros.diagnostics import (DIAGNOSTICS_QOS, DIAGNOSTICS_TOPIC,
-                                             diagnostic_array, ERROR, OK, WARN)
+from neural_bone_reg.ros.diagnostics import (diagnostic_array, DIAGNOSTICS_QOS,
+                                             DIAGNOSTICS_TOPIC, ERROR, OK, WARN)
 from neural_bone_reg.ros.model_info import decode_model_info
 from neural_bone_reg.ros.sweep_buffer import SweepBuffer
 from neural_bone_reg.ros.tf_compat import make_tf_broadcaster, send_transforms
@@ -605,4 +605,3 @@ def main(args: list[str] | None = None) -> int:
 
 if __name__ == '__main__':
     raise SystemExit(main())
-

@@ -1,0 +1,427 @@
+"""``neural-bone-reg demo``: the whole pipeline end to end, as separate processes over real DDS.
+
+On a private DDS domain (random ROS_DOMAIN_ID, localhost-only discovery) the demo starts the
+preop loader, the registration node and a bag replay as child processes, waits for the
+bone transform on tf, and compares it with the true pose recorded on the bag's /tf_static.
+Without ``--bag`` it first simulates a sweep over the bone with ``make-bag``. The exit code is
+0 only when the transform was accepted (only accepted results reach tf) and lies within
+2 degrees and 2 mm of the truth. The child processes are always terminated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Optional
+
+#: Acceptance of the demo: the error of the broadcast pose against the bag's truth.
+MAX_ROTATION_ERROR_DEG = 2.0
+MAX_TRANSLATION_ERROR_MM = 2.0
+#: Default seconds to wait for the transform, training the bone model included.
+DEFAULT_TIMEOUT_S = 1200.0
+#: Domain ids the demo draws from (Fast DDS ports stay valid up to 232).
+DOMAIN_ID_RANGE = (1, 200)
+#: Seconds given to a child process to exit after SIGINT, then after SIGTERM.
+CHILD_EXIT_TIMEOUT_S = 10.0
+#: Seconds the replay waits for discovery before the first cloud.
+REPLAY_DELAY_S = 1.0
+#: Lines of a child's log printed when something fails.
+LOG_TAIL_LINES = 25
+DEFAULT_TRUTH_FRAME = 'bone_truth'
+BONE_FRAME = 'bone'
+PACKAGE = 'neural_bone_reg'
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``demo`` command to the CLI's subparsers."""
+    demo = subparsers.add_parser(
+        'demo', help='run preop loader, registration node and a sweep replay over ROS 2',
+        description='End-to-end demo over real DDS on a private domain: train or load the bone '
+                    'model, replay a probe sweep bag, wait for the bone pose on tf and compare '
+                    "it with the true pose on the bag's /tf_static. Exit 0 only if the pose "
+                    f'is within {MAX_ROTATION_ERROR_DEG:g} deg and {MAX_TRANSLATION_ERROR_MM:g} '
+                    'mm of the truth.')
+    demo.add_argument('--mesh', help='preoperative bone mesh (STL/PLY/OBJ, mm); default: the '
+                                     'embedded phantom femur')
+    demo.add_argument('--bag', help='sweep bag with the true pose on /tf_static (from '
+                                    '`make-bag`); default: simulate one from --mesh')
+    demo.add_argument('--timeout', type=float, default=DEFAULT_TIMEOUT_S,
+                      help='seconds to wait for the transform, training included '
+                           f'(default {DEFAULT_TIMEOUT_S:g})')
+    demo.add_argument('--seed', type=int, default=0, help='seed of the simulated sweep')
+    demo.add_argument('--truth-frame', default=DEFAULT_TRUTH_FRAME,
+                      help=f'child frame of the true pose in the bag (default '
+                           f'{DEFAULT_TRUTH_FRAME})')
+    demo.add_argument('--cache-dir', default='',
+                      help='model cache folder (default: $NEURAL_BONE_REG_CACHE or '
+                           '~/.cache/neural_bone_reg)')
+    demo.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
+    demo.add_argument('--preset', default='', choices=('', 'default', 'paper', 'fast'),
+                      help="registration preset for the node (default: the params file's)")
+    demo.add_argument('--keep', action='store_true',
+                      help='keep the work folder (bag, logs) instead of deleting it')
+    demo.set_defaults(func=run_demo)
+
+
+# ------------------------------------------------------------------------- files and processes
+
+
+def find_executable(name: str) -> str:
+    """Return an installed node executable: colcon's lib/<pkg>, the venv's bin, or PATH."""
+    prefixes = [Path(sys.prefix)]
+    prefixes += [Path(p) for p in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) if p]
+    for prefix in prefixes:
+        for candidate in (prefix / 'lib' / PACKAGE / name, prefix / 'bin' / name):
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f'cannot find the {name} executable; run `make setup` '
+                                '(pip install -e .) or source a colcon install')
+    return found
+
+
+def find_config(name: str) -> Path:
+    """Return config/<name> from the installed share folder, else from the source tree."""
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        path = Path(get_package_share_directory(PACKAGE)) / 'config' / name
+        if path.is_file():
+            return path
+    except Exception:  # not indexed (pip -e install): fall back to the source tree
+        pass
+    path = Path(__file__).resolve().parents[3] / 'config' / name
+    if not path.is_file():
+        raise FileNotFoundError(f'cannot find config/{name} (installed share or source tree)')
+    return path
+
+
+class Child:
+    """A child process with its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f'{name}.log'
+        self._log = open(self.log_path, 'wb')
+        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                      start_new_session=True)
+
+    def alive(self) -> bool:
+        """Tell whether the process still runs."""
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """Return the last lines of the process's output."""
+        self._log.flush()
+        text = self.log_path.read_text(errors='replace').splitlines()
+        return '\n'.join(f'  [{self.name}] {line}' for line in text[-lines:])
+
+    def stop(self) -> Optional[int]:
+        """Stop the process: SIGINT, then SIGTERM, then SIGKILL; return its exit code."""
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            if self.popen.poll() is not None:
+                break
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(CHILD_EXIT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                continue
+        self._log.close()
+        return self.popen.returncode
+
+
+def read_bag(path: Path, truth_frame: str) -> dict[str, Any]:
+    """Return the bag's cloud topic, cloud count, last cloud stamp and true pose (or None)."""
+    from rclpy.serialization import deserialize_message
+    from rosbags.rosbag2 import Reader
+    from sensor_msgs.msg import PointCloud2
+    from tf2_msgs.msg import TFMessage
+
+    from neural_bone_reg.ros.conversions import time_msg_to_ns, transform_stamped_to_matrix
+
+    info: dict[str, Any] = {'truth': None, 'robot_frame': '', 'last_stamp_ns': None, 'count': 0}
+    with Reader(path) as reader:
+        clouds = [c for c in reader.connections if c.msgtype == 'sensor_msgs/msg/PointCloud2']
+        if len({c.topic for c in clouds}) != 1:
+            raise ValueError(f'bag {path} must hold exactly one PointCloud2 topic, has '
+                             f'{sorted({c.topic for c in clouds})}')
+        info['topic'] = clouds[0].topic
+        for _, _, data in reader.messages(connections=clouds):
+            header = deserialize_message(bytes(data), PointCloud2).header
+            stamp = time_msg_to_ns(header.stamp)
+            info['count'] += 1
+            info['robot_frame'] = header.frame_id
+            if info['last_stamp_ns'] is None or stamp > info['last_stamp_ns']:
+                info['last_stamp_ns'] = stamp
+        static = [c for c in reader.connections if c.topic == '/tf_static']
+        for _, _, data in reader.messages(connections=static):
+            for transform in deserialize_message(bytes(data), TFMessage).transforms:
+                if transform.child_frame_id == truth_frame:
+                    info['truth'] = transform_stamped_to_matrix(transform)
+                    info['truth_parent'] = transform.header.frame_id
+    if info['count'] == 0:
+        raise ValueError(f'bag {path} holds no clouds')
+    return info
+
+
+# ------------------------------------------------------------------------- the demo
+
+
+class _Watcher:
+    """The demo's own node: latched model, tf, diagnostics and the cloud topic."""
+
+    def __init__(self, cloud_topic: str, robot_frame: str) -> None:
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import (DurabilityPolicy, HistoryPolicy, qos_profile_sensor_data,
+                               QoSProfile, ReliabilityPolicy)
+        from sensor_msgs.msg import PointCloud2
+        from std_msgs.msg import String
+        from tf2_msgs.msg import TFMessage
+
+        from neural_bone_reg.ros.diagnostics import DIAGNOSTICS_QOS
+        from neural_bone_reg.ros.tf_compat import DYNAMIC_LISTENER_QOS
+
+        latched = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                             reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.robot_frame = robot_frame
+        self.cond = threading.Condition()
+        self.model: Optional[str] = None
+        self.cloud_times: dict[int, float] = {}
+        self.transforms: list[tuple[float, Any]] = []
+        self.statuses: dict[str, Any] = {}
+        self.node = rclpy.create_node('neural_bone_reg_demo')
+        self.node.create_subscription(String, 'model', self.on_model, latched)
+        self.node.create_subscription(TFMessage, '/tf', self.on_tf, DYNAMIC_LISTENER_QOS)
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self.on_diagnostics,
+                                      DIAGNOSTICS_QOS)
+        self.node.create_subscription(PointCloud2, cloud_topic, self.on_cloud,
+                                      qos_profile_sensor_data)
+        self.executor = SingleThreadedExecutor()
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def on_model(self, msg: Any) -> None:
+        with self.cond:
+            self.model = msg.data
+            self.cond.notify_all()
+
+    def on_cloud(self, msg: Any) -> None:
+        from neural_bone_reg.ros.conversions import time_msg_to_ns
+        received = time.monotonic()
+        with self.cond:
+            self.cloud_times.setdefault(time_msg_to_ns(msg.header.stamp), received)
+
+    def on_tf(self, msg: Any) -> None:
+        received = time.monotonic()
+        with self.cond:
+            for transform in msg.transforms:
+                if (transform.header.frame_id == self.robot_frame
+                        and transform.child_frame_id == BONE_FRAME):
+                    self.transforms.append((received, transform))
+            self.cond.notify_all()
+
+    def on_diagnostics(self, msg: Any) -> None:
+        with self.cond:
+            for status in msg.status:
+                self.statuses[status.name] = status
+            self.cond.notify_all()
+
+    def wait(self, predicate: Any, timeout_s: float, children: list[Child]) -> bool:
+        """Wait for ``predicate()`` (under the lock); False on timeout or a child's death."""
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            while not predicate():
+                if any(not c.alive() for c in children):
+                    return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.cond.wait(min(remaining, 1.0))  # re-check the children once a second
+        return True
+
+    def status(self, name_part: str) -> Any:
+        for name, status in self.statuses.items():
+            if name_part in name:
+                return status
+        return None
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.thread.join(CHILD_EXIT_TIMEOUT_S)
+        self.node.destroy_node()
+
+
+def _fail(message: str, children: list[Child]) -> int:
+    print(f'demo: FAILED: {message}', file=sys.stderr)
+    for child in children:
+        print(f'--- last output of {child.name} '
+              f'({"running" if child.alive() else f"exit {child.popen.returncode}"}):',
+              file=sys.stderr)
+        print(child.tail(), file=sys.stderr)
+    return 1
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the end-to-end demo; return 0 only for an accepted pose within tolerance."""
+    domain_id = random.SystemRandom().randint(*DOMAIN_ID_RANGE)
+    os.environ['ROS_DOMAIN_ID'] = str(domain_id)
+    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    env = dict(os.environ)
+    work = Path(tempfile.mkdtemp(prefix='neural_bone_reg_demo_'))
+    children: list[Child] = []
+    print(f'demo: ROS_DOMAIN_ID={domain_id}, localhost only; work folder {work}')
+    import rclpy
+    rclpy.init()
+    state: dict[str, Any] = {}
+    try:
+        return _run(args, env, work, children, state)
+    finally:
+        watcher = state.get('watcher')
+        for child in reversed(children):
+            child.stop()
+        if watcher is not None:
+            watcher.close()
+        rclpy.try_shutdown()
+        if args.keep:
+            print(f'demo: kept {work}')
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: list[Child],
+         state: dict[str, Any]) -> int:
+    import numpy as np
+
+    from neural_bone_reg.core.se3 import rotation_angle_deg
+    from neural_bone_reg.ros.conversions import time_msg_to_ns, transform_stamped_to_matrix
+    from neural_bone_reg.ros.model_info import decode_model_info
+
+    started = time.monotonic()
+    mesh = str(Path(args.mesh).resolve()) if args.mesh else 'phantom'
+    if args.bag:
+        bag = Path(args.bag)
+    else:
+        bag = work / 'sweep_bag'
+        argv = [sys.executable, '-m', 'neural_bone_reg.cli.main', 'make-bag', '--out', str(bag),
+                '--seed', str(args.seed), '--truth-frame', args.truth_frame]
+        if args.mesh:
+            argv += ['--mesh', mesh]
+        result = subprocess.run(argv, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(result.stdout + result.stderr, file=sys.stderr)
+            return _fail('make-bag failed', children)
+        print(f'demo: {result.stdout.strip()}')
+    try:
+        info = read_bag(bag, args.truth_frame)
+    except (OSError, ValueError) as exc:
+        return _fail(f'cannot read bag {bag}: {exc}', children)
+    robot_frame = info['robot_frame']
+    print(f"demo: bag {bag}: {info['count']} clouds on {info['topic']} in frame "
+          f"{robot_frame!r}; truth {'found' if info['truth'] is not None else 'MISSING'} on "
+          f'/tf_static ({args.truth_frame})')
+
+    watcher = state['watcher'] = _Watcher(info['topic'], robot_frame)
+    common = ['-p', f'device:={args.device}']
+    if args.cache_dir:
+        common += ['-p', f'cache_dir:={args.cache_dir}']
+    children.append(Child('preop_loader', [
+        find_executable('preop_loader'), '--ros-args', '--params-file',
+        str(find_config('preop_loader.yaml')), '-p', f'mesh_path:={mesh}',
+        '-p', f'bone_frame:={BONE_FRAME}', *common], env, work))
+    registration_args = [
+        find_executable('registration_node'), '--ros-args', '--params-file',
+        str(find_config('registration_node.yaml')), '-p', f'robot_frame:={robot_frame}',
+        '-p', f'bone_frame:={BONE_FRAME}', '-r', f"points:={info['topic']}", *common]
+    if args.preset:
+        registration_args += ['-p', f'preset:={args.preset}']
+    children.append(Child('registration_node', registration_args, env, work))
+
+    print(f'demo: preparing the bone model from {mesh} (training takes minutes on a CPU the '
+          'first time; later runs load it from the cache)')
+    ready = watcher.wait(lambda: (watcher.model is not None or _error(watcher, 'preop_loader')),
+                         args.timeout, children)
+    if not ready or watcher.model is None:
+        reason = _error(watcher, 'preop_loader') or 'no model announced in time'
+        return _fail(f'the preop loader did not provide a model: {reason}', children)
+    model = decode_model_info(watcher.model)
+    print(f'demo: model ready after {time.monotonic() - started:.1f} s: {model.checkpoint}')
+    loaded = watcher.wait(lambda: _loaded(watcher), args.timeout, children)
+    if not loaded:
+        return _fail('the registration node did not load the model', children)
+
+    children.append(Child('bag_play', [
+        sys.executable, '-m', 'neural_bone_reg.cli.main', 'play', str(bag),
+        '--delay', str(REPLAY_DELAY_S)], env, work))
+    last_ns = info['last_stamp_ns']
+    remaining = max(args.timeout - (time.monotonic() - started), 1.0)
+
+    def final_transform() -> bool:
+        return any(time_msg_to_ns(t.header.stamp) == last_ns for _, t in watcher.transforms)
+    got = watcher.wait(final_transform, remaining, children[:2])
+    status = watcher.status('registration_node: registration')
+    if not got:
+        why = (f'last registration status: {status.message}' if status is not None
+               else 'no registration result was reported')
+        return _fail(f'no accepted transform for the complete sweep within {args.timeout:g} s '
+                     f'({why})', children)
+    with watcher.cond:
+        received, transform = next((r, t) for r, t in watcher.transforms
+                                   if time_msg_to_ns(t.header.stamp) == last_ns)
+        cloud_received = watcher.cloud_times.get(last_ns)
+    estimate = transform_stamped_to_matrix(transform)
+    np.set_printoptions(precision=4, suppress=True)
+    print(f'demo: transform {robot_frame} -> {BONE_FRAME} on tf (T_robot_bone, mm):')
+    print(estimate)
+    if status is not None:
+        values = {kv.key: kv.value for kv in status.values}
+        print('demo: ' + ', '.join(f'{k} {values[k]}' for k in
+                                   ('residual_mm', 'inlier_fraction', 'ambiguity', 'n_points',
+                                    'solve_time_s') if k in values))
+    if cloud_received is not None:
+        print(f'demo: latency from the last cloud of the sweep to the transform on tf: '
+              f'{received - cloud_received:.3f} s')
+    if info['truth'] is None:
+        return _fail(f'the bag has no true pose ({args.truth_frame} on /tf_static): the '
+                     'result cannot be checked', children)
+    truth = info['truth']
+    rotation_error = rotation_angle_deg(truth[:3, :3].T @ estimate[:3, :3])
+    translation_error = float(np.linalg.norm(truth[:3, 3] - estimate[:3, 3]))
+    print(f'demo: error against the truth: rotation {rotation_error:.3f} deg, translation '
+          f'{translation_error:.3f} mm (limits {MAX_ROTATION_ERROR_DEG:g} deg, '
+          f'{MAX_TRANSLATION_ERROR_MM:g} mm)')
+    if rotation_error > MAX_ROTATION_ERROR_DEG or translation_error > MAX_TRANSLATION_ERROR_MM:
+        return _fail('the accepted transform is outside the tolerance', children)
+    print(f'demo: PASSED in {time.monotonic() - started:.1f} s')
+    return 0
+
+
+def _error(watcher: _Watcher, node_name: str) -> str:
+    """Return the message of an ERROR model status of a node, or ''."""
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    status = watcher.status(f'{node_name}: model')
+    return status.message if status is not None and status.level == DiagnosticStatus.ERROR \
+        else ''
+
+
+def _loaded(watcher: _Watcher) -> bool:
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    status = watcher.status('registration_node: model')
+    return status is not None and status.level == DiagnosticStatus.OK
