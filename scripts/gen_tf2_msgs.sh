@@ -19,10 +19,13 @@ SRC="$PWD/scripts/tf2_msgs"
 EXPECTED_HASH=RIHS01_e369d0f05a23ae52508854b66f6aa0437f3449d652e8cbf22d5abe85d020f087
 
 hash_of_installed() {
-    # The type hash as the ROS 2 type description (share/tf2_msgs/msg/TFMessage.json) records it.
-    "$PY" - "$VENV" <<'PYEOF' 2>/dev/null || true
-import json, pathlib, sys
-path = pathlib.Path(sys.argv[1], 'share', 'tf2_msgs', 'msg', 'TFMessage.json')
+    # The type hash that the importable tf2_msgs records in its type description,
+    # <prefix>/share/tf2_msgs/msg/TFMessage.json (<prefix>/lib/pythonX.Y/site-packages/tf2_msgs).
+    "$PY" - <<'PYEOF' 2>/dev/null || true
+import json, pathlib
+import tf2_msgs
+prefix = pathlib.Path(tf2_msgs.__file__).resolve().parents[4]
+path = prefix / 'share' / 'tf2_msgs' / 'msg' / 'TFMessage.json'
 for entry in json.loads(path.read_text())['type_hashes']:
     if entry['type_name'] == 'tf2_msgs/msg/TFMessage':
         print(entry['hash_string'])
@@ -31,7 +34,7 @@ PYEOF
 
 if [ "${FORCE:-0}" != 1 ] && "$PY" -c 'import tf2_msgs.msg' 2>/dev/null \
         && [ "$(hash_of_installed)" = "$EXPECTED_HASH" ]; then
-    echo "tf2_msgs already in $VENV"
+    echo "tf2_msgs already importable from $VENV/bin/python"
     exit 0
 fi
 

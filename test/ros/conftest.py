@@ -16,13 +16,14 @@ import pytest
 
 if TYPE_CHECKING:
     from rclpy.context import Context
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.node import Node
 
 try:
     import rclpy
+    from rclpy.executors import MultiThreadedExecutor
 except ImportError:
     rclpy = None
+    MultiThreadedExecutor = object
 
 #: Why every test module here is skipped where rclpy is missing.
 NO_RCLPY_REASON = 'rclpy is not importable: use a ROS 2 install or `make setup` (PyPI wheels)'
@@ -81,24 +82,40 @@ def ros_context(ros_domain_id: int) -> Iterator[Context]:
         rclpy.try_shutdown(context=context)
 
 
-@pytest.fixture
-def ros_executor(ros_context: Context) -> Iterator[MultiThreadedExecutor]:
-    """Yield an executor of ``ros_context`` spinning in a background thread."""
-    from rclpy.executors import MultiThreadedExecutor
+class BackgroundExecutor(MultiThreadedExecutor):
+    """A MultiThreadedExecutor that spins in a thread of its own from creation until stop()."""
 
-    executor = MultiThreadedExecutor(context=ros_context)
-    thread = threading.Thread(target=executor.spin, name='ros_executor', daemon=True)
-    thread.start()
+    def __init__(self, context: Context) -> None:
+        super().__init__(context=context)
+        self._thread = threading.Thread(target=self.spin, name='ros_executor', daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop spinning and wait for the thread to end; calling it again does nothing.
+
+        Destroy nodes only after this: destroying one while the executor builds its wait set
+        raises InvalidHandle in the executor thread (rclpy#1355).
+        """
+        self.shutdown()
+        self._thread.join(EXECUTOR_JOIN_TIMEOUT_S)
+
+
+@pytest.fixture
+def ros_executor(ros_context: Context) -> Iterator[BackgroundExecutor]:
+    """Yield an executor of ``ros_context`` spinning in a background thread.
+
+    A fixture that destroys nodes it added should call ``ros_executor.stop()`` first.
+    """
+    executor = BackgroundExecutor(ros_context)
     try:
         yield executor
     finally:
-        executor.shutdown()
-        thread.join(EXECUTOR_JOIN_TIMEOUT_S)
+        executor.stop()
 
 
 @pytest.fixture
 def make_node(ros_context: Context,
-              ros_executor: MultiThreadedExecutor) -> Iterator[Callable[..., Node]]:
+              ros_executor: BackgroundExecutor) -> Iterator[Callable[..., Node]]:
     """Yield a factory of nodes in ``ros_context``, spun by ``ros_executor``, destroyed after.
 
     Call it as ``make_node(name, **node_kwargs)``.
@@ -114,6 +131,6 @@ def make_node(ros_context: Context,
         return node
 
     yield factory
+    ros_executor.stop()
     for node in reversed(nodes):
-        ros_executor.remove_node(node)
         node.destroy_node()
