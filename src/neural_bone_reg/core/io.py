@@ -71,7 +71,9 @@ def load_cloud(path: str | Path) -> np.ndarray:
             points = np.loadtxt(path, ndmin=2, usecols=(0, 1, 2), comments=('#', '//'))
         elif suffix == '.npy':
             points = np.load(path, allow_pickle=False)
-        elif suffix in ('.ply', '.pcd'):
+        elif suffix == '.pcd':
+            points = _read_pcd(path)
+        elif suffix == '.ply':
             geometry = trimesh.load(path, process=False)
             points = np.asarray(getattr(geometry, 'vertices', np.empty((0, 3))))
         else:
@@ -82,6 +84,47 @@ def load_cloud(path: str | Path) -> np.ndarray:
     except Exception as exc:
         raise InputError(f'cannot read cloud {path}: {exc}; expected x y z rows in mm') from exc
     return check_points(points, name=f'cloud {path}')
+
+
+_PCD_TYPES = {('F', 4): '<f4', ('F', 8): '<f8', ('I', 1): '<i1', ('I', 2): '<i2', ('I', 4): '<i4',
+              ('I', 8): '<i8', ('U', 1): '<u1', ('U', 2): '<u2', ('U', 4): '<u4', ('U', 8): '<u8'}
+
+
+def _read_pcd(path: Path) -> np.ndarray:
+    """Read x, y, z of a PCD v0.7 file (DATA ascii or binary; not binary_compressed)."""
+    raw = path.read_bytes()
+    header: dict[str, list[str]] = {}
+    offset = 0
+    while True:
+        end = raw.index(b'\n', offset)
+        line = raw[offset:end].decode('ascii', 'replace').strip()
+        offset = end + 1
+        if not line or line.startswith('#'):
+            continue
+        key, *values = line.split()
+        header[key.upper()] = values
+        if key.upper() == 'DATA':
+            break
+    names, sizes, types = header['FIELDS'], header['SIZE'], header['TYPE']
+    counts = header.get('COUNT', ['1'] * len(names))
+    if not {'x', 'y', 'z'} <= set(names):
+        raise InputError(f'PCD {path} has fields {names}; expected x, y and z')
+    try:
+        dtype = np.dtype([(n, _PCD_TYPES[(t, int(s))], (int(c),)) if int(c) > 1
+                          else (n, _PCD_TYPES[(t, int(s))])
+                          for n, s, t, c in zip(names, sizes, types, counts)])
+    except KeyError as exc:
+        raise InputError(f'PCD {path} has an unsupported field type {exc}; expected F/I/U') from exc
+    n_points = int(header.get('POINTS', ['0'])[0])
+    mode = header['DATA'][0].lower()
+    if mode == 'ascii':
+        table = np.loadtxt(raw[offset:].decode('ascii').splitlines(), ndmin=2)
+        columns = np.cumsum([0] + [int(c) for c in counts])
+        return np.stack([table[:, columns[names.index(a)]] for a in 'xyz'], axis=1)
+    if mode == 'binary':
+        data = np.frombuffer(raw, dtype=dtype, count=n_points, offset=offset)
+        return np.stack([data[a].astype(np.float64) for a in 'xyz'], axis=1)
+    raise InputError(f'PCD {path} uses DATA {mode}; expected ascii or binary (decompress it first)')
 
 
 def check_points(points: np.ndarray, name: str = 'cloud', min_points: int = 3,

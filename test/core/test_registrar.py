@@ -1,0 +1,79 @@
+"""End-to-end registration on the phantom: recovery, confidence and bad input."""
+
+import numpy as np
+import pytest
+import trimesh
+
+from neural_bone_reg import BoneRegistrar
+from neural_bone_reg.core import metrics, sim
+from neural_bone_reg.core.errors import InputError
+from neural_bone_reg.core.se3 import apply_transform, invert_transform
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_recovers_known_transform_on_phantom(phantom_registrar, phantom_mesh, seed):
+    rng = np.random.default_rng(seed)
+    cloud = sim.simulate_partial_cloud(phantom_mesh, rng, coverage=0.3, noise_mm=1.0,
+                                       outlier_fraction=0.05, n_points=2000)
+    pose = sim.random_pose(rng)
+    moved = apply_transform(pose, cloud)
+    res = phantom_registrar.register(moved)
+    truth = invert_transform(pose)
+    rre = metrics.rre_deg(res.transform, truth)
+    rte = metrics.rte_mm(res.transform, truth, moved)
+    assert rre < 2.0 and rte < 2.0, (rre, rte, res.summary())
+    assert res.accepted, res.rejection_reasons
+    assert res.residual_mm < 2.0 and res.inlier_fraction > 0.8
+    assert res.transform.shape == (4, 4)
+    assert set(res.summary()) >= {'transform', 'accepted', 'residual_mm', 'inlier_fraction', 'ambiguity'}
+
+
+def test_cloud_of_another_bone_is_not_accepted(phantom_registrar):
+    # A patch of a torus (a different, smooth "bone") of similar size.
+    other = trimesh.creation.torus(major_radius=40.0, minor_radius=12.0)
+    rng = np.random.default_rng(5)
+    cloud = sim.simulate_partial_cloud(other, rng, coverage=0.4, noise_mm=0.5,
+                                       outlier_fraction=0.0, n_points=2000)
+    res = phantom_registrar.register(cloud)
+    assert not res.accepted
+    assert res.rejection_reasons
+
+
+def test_symmetric_patch_is_reported_ambiguous(phantom_registrar, phantom_mesh):
+    # Points from a plain cylindrical stretch of the shaft: any rotation about the axis fits.
+    pts = phantom_mesh.sample(40_000, seed=3) if hasattr(phantom_mesh, 'sample') else None
+    pts = np.asarray(pts)
+    shaft = pts[(pts[:, 2] > 50) & (pts[:, 2] < 100)]
+    res = phantom_registrar.register(shaft[:3000])
+    assert not res.accepted
+    assert any('ambiguous' in reason for reason in res.rejection_reasons), res.summary()
+
+
+@pytest.mark.parametrize('points, message', [
+    (np.empty((0, 3)), 'empty'),
+    (np.full((500, 3), np.nan), 'empty'),
+    (np.random.default_rng(0).normal(scale=0.05, size=(500, 3)), 'metres'),
+    (np.random.default_rng(0).normal(size=(20, 3)) * 30, 'at least'),
+    (np.random.default_rng(0).normal(scale=2000.0, size=(500, 3)), 'wrong units'),
+])
+def test_bad_clouds_raise_clear_errors(phantom_registrar, points, message):
+    with pytest.raises(InputError, match=message):
+        phantom_registrar.register(points)
+
+
+def test_checkpoint_alone_rebuilds_the_registrar(phantom_registrar, phantom_mesh):
+    again = BoneRegistrar.from_checkpoint(phantom_registrar.checkpoint_path, device='cpu',
+                                          registration=phantom_registrar.config)
+    rng = np.random.default_rng(11)
+    cloud = sim.simulate_partial_cloud(phantom_mesh, rng, n_points=1500)
+    a = phantom_registrar.register(cloud)
+    b = again.register(cloud)
+    np.testing.assert_allclose(a.transform, b.transform, atol=1e-6)  # seeded: deterministic
+
+
+def test_unavailable_cuda_is_a_clear_error(phantom_path, cache_dir, small_configs):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip('CUDA is present here')
+    with pytest.raises(ValueError, match='CUDA is not available'):
+        BoneRegistrar.from_mesh(phantom_path, device='cuda', cache_dir=cache_dir, configs=small_configs)
