@@ -14,6 +14,7 @@ from sensor_msgs.msg import PointCloud2
 import yaml
 
 from neural_bone_reg.cli import bag_cmd
+from neural_bone_reg.core.errors import InputError
 from neural_bone_reg.ros import bag
 from neural_bone_reg.ros.bag import play_bag, write_sweep_bag
 from neural_bone_reg.ros.conversions import cloud_to_xyz, transform_stamped_to_matrix
@@ -237,8 +238,10 @@ def test_cli_make_bag_and_play(tmp_path, make_node, capsys):
     assert recorder.done.wait(RECEIVE_TIMEOUT_S)
     assert waiter.wait(RECEIVE_TIMEOUT_S) is not None
 
-    assert _cli('make-bag', '--mesh', str(mesh), '--out', str(out)) == 1
-    assert 'exists already' in capsys.readouterr().err
-    assert _cli('make-bag', '--mesh', str(tmp_path / 'missing.stl'), '--out',
-                str(tmp_path / 'other')) == 1
-    assert 'does not exist' in capsys.readouterr().err
+    # Errors propagate as ValueError/OSError for the CLI's main to report.
+    with pytest.raises(FileExistsError, match='exists already'):
+        _cli('make-bag', '--mesh', str(mesh), '--out', str(out))
+    with pytest.raises(InputError, match='does not exist'):
+        _cli('make-bag', '--mesh', str(tmp_path / 'missing.stl'), '--out',
+             str(tmp_path / 'other'))
+    assert not (tmp_path / 'other').exists()

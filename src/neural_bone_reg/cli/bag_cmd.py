@@ -8,7 +8,6 @@ costs nothing; the frame, topic and storage defaults therefore repeat those of
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 #: Defaults of ``make-bag``, shared with its help text.
@@ -84,32 +83,30 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_make_bag(args: argparse.Namespace) -> int:
-    """Simulate a sweep and write it as a bag; return the exit code."""
+    """Simulate a sweep and write it as a bag; return the exit code.
+
+    Bad input raises ValueError (InputError) or OSError, which the CLI's main reports.
+    """
     import numpy as np
 
     from neural_bone_reg.core import sim
-    from neural_bone_reg.core.errors import InputError
     from neural_bone_reg.core.io import load_mesh
     from neural_bone_reg.core.se3 import apply_transform
     from neural_bone_reg.ros.bag import write_sweep_bag
 
-    try:
-        mesh = load_mesh(args.mesh if args.mesh else sim.phantom_mesh_path())
-        rng = np.random.default_rng(args.seed)
-        t_robot_bone = sim.random_pose(rng)
-        sweep = sim.simulate_sweep(mesh, rng, n_frames=args.frames,
-                                   points_per_frame=args.points_per_frame,
-                                   noise_mm=args.noise_mm, outlier_fraction=args.outliers)
-        clouds = [apply_transform(t_robot_bone, cloud) for cloud in sweep]
-        period_ns = round(1e9 / args.rate_hz)
-        start_ns = time.time_ns()
-        stamps = [start_ns + i * period_ns for i in range(len(clouds))]
-        path = write_sweep_bag(args.out, clouds, stamps, t_robot_bone,
-                               robot_frame=args.robot_frame, truth_frame=args.truth_frame,
-                               cloud_topic=args.topic, storage=args.storage)
-    except (InputError, ValueError, OSError) as exc:
-        print(f'make-bag: error: {exc}', file=sys.stderr)
-        return 1
+    mesh = load_mesh(args.mesh if args.mesh else sim.phantom_mesh_path())
+    rng = np.random.default_rng(args.seed)
+    t_robot_bone = sim.random_pose(rng)
+    sweep = sim.simulate_sweep(mesh, rng, n_frames=args.frames,
+                               points_per_frame=args.points_per_frame, noise_mm=args.noise_mm,
+                               outlier_fraction=args.outliers)
+    clouds = [apply_transform(t_robot_bone, cloud) for cloud in sweep]
+    period_ns = round(1e9 / args.rate_hz)
+    start_ns = time.time_ns()
+    stamps = [start_ns + i * period_ns for i in range(len(clouds))]
+    path = write_sweep_bag(args.out, clouds, stamps, t_robot_bone,
+                           robot_frame=args.robot_frame, truth_frame=args.truth_frame,
+                           cloud_topic=args.topic, storage=args.storage)
     print(f'wrote {path} ({args.storage}): {len(clouds)} clouds x {args.points_per_frame} '
           f'points on {args.topic} at {args.rate_hz:g} Hz, true pose {args.robot_frame} -> '
           f'{args.truth_frame} on /tf_static')
@@ -129,9 +126,6 @@ def run_play(args: argparse.Namespace) -> int:
                          delay_s=args.delay)
     except (KeyboardInterrupt, ExternalShutdownException):
         return 0
-    except (ValueError, OSError) as exc:
-        print(f'play: error: {exc}', file=sys.stderr)
-        return 1
     finally:
         rclpy.try_shutdown()
     print(f'published {count} messages from {args.bag}')
