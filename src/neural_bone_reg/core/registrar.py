@@ -23,7 +23,13 @@ from neural_bone_reg.core.udf import load_checkpoint, train_or_load, UdfModel
 
 LOG = logging.getLogger(__name__)
 
-#: Translation starts are spaced this far apart along the bone's long axis (mm).
+#: Cloud points used to find where each rotated cloud fits inside the bone's bounding box.
+BOX_SAMPLE_POINTS = 256
+#: Rotations used to judge how much room the cloud has inside the bone.
+BOX_PROBE_ROTATIONS = 256
+#: The rotated cloud's extent is taken between these percentiles (robust to outliers).
+BOX_PERCENTILE = 2.0
+#: Translation starts are spaced this far apart along the free room in the bone (mm).
 ANCHOR_SPACING_MM = 40.0
 #: At most this many translation starts; the hypotheses are shared out among them.
 MAX_ANCHORS = 8
@@ -94,13 +100,9 @@ class BoneRegistrar:
         self.surface = SurfaceModel.build(model.surface_points, model.surface_normals)
         self._grid_field = GridField(model.grid, self.device)
         self._neural_field = model.field.to(self.device).requires_grad_(False)
-        centred = self.surface.points - self.surface.points.mean(axis=0)
-        _, singular, axes = np.linalg.svd(centred, full_matrices=False)
-        self._bone_centre = self.surface.points.mean(axis=0)
-        self._bone_axis = axes[0]
-        span = centred @ axes[0]
-        self._bone_length = float(span.max() - span.min())
         self._bone_diagonal = float(np.linalg.norm(np.ptp(self.surface.points, axis=0)))
+        self._bone_lo = self.surface.points.min(axis=0)
+        self._bone_hi = self.surface.points.max(axis=0)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -182,11 +184,9 @@ class BoneRegistrar:
 
         # Coarse: all hypotheses on a few points.
         tick = time.perf_counter()
-        anchors = self._anchors(pts)
-        per_anchor = max(cfg.num_hypotheses // len(anchors), 1)
-        rot0 = torch.as_tensor(_fps_rotations_cached(per_anchor, cfg.seed), dtype=dtype, device=dev)
-        rotations = rot0.repeat(len(anchors), 1, 1)
-        landing = torch.as_tensor(np.repeat(anchors, per_anchor, axis=0), dtype=dtype, device=dev)
+        rotations_np, landing_np, anchors = self._initial_poses(pts - centroid, rng)
+        rotations = torch.as_tensor(rotations_np, dtype=dtype, device=dev)
+        landing = torch.as_tensor(landing_np, dtype=dtype, device=dev)
         hyps = HypothesisSet(rotations, landing, centroid_t, cfg.latent_dim, cfg.backbone_dim,
                              cfg.translation_scale_mm, cfg.seed)
         coarse_pts = cloud[torch.as_tensor(rng.choice(len(pts), min(cfg.coarse_points, len(pts)),
@@ -263,7 +263,7 @@ class BoneRegistrar:
             torch.cuda.synchronize(dev)
         elapsed = time.perf_counter() - start
         timings.update(coarse_iterations=coarse.iterations, fine_iterations=fine.iterations,
-                       anchors=len(anchors))
+                       anchors=anchors)
         return RegistrationResult(
             transform=make_transform(rot, tr), accepted=not reasons, residual_mm=residual,
             inlier_fraction=inlier_fraction, ambiguity=float(ambiguity),
@@ -272,14 +272,41 @@ class BoneRegistrar:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _anchors(self, pts: np.ndarray) -> np.ndarray:
-        """Return where the cloud's centroid starts: spaced along the bone's long axis."""
-        centred = pts - pts.mean(axis=0)
-        cloud_length = float(np.ptp(centred @ np.linalg.svd(centred, full_matrices=False)[2][0]))
-        free = max(self._bone_length - cloud_length, 0.0)
-        count = int(min(MAX_ANCHORS, np.ceil(free / ANCHOR_SPACING_MM) + 1))
-        offsets = np.linspace(-free / 2, free / 2, count) if count > 1 else np.zeros(1)
-        return self._bone_centre + offsets[:, None] * self._bone_axis
+    def _initial_poses(self, centred: np.ndarray,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+        """Return starting rotations (H, 3, 3), centroid landing points (H, 3), starts per rotation.
+
+        Rotations come from farthest point sampling on SO(3). For each rotation the cloud's
+        centroid starts at the centre of the region where the rotated cloud fits inside the
+        bone's bounding box (the centroid alignment, corrected for a patch seen from one side).
+        Where that region is long (a short patch of a long bone), several starts are spread
+        along it, and the hypotheses are shared out among them.
+        """
+        cfg = self.config
+        sample = centred[rng.choice(len(centred), min(len(centred), BOX_SAMPLE_POINTS), replace=False)]
+        probe_lo, probe_hi = self._feasible_boxes(
+            _fps_rotations_cached(min(cfg.num_hypotheses, BOX_PROBE_ROTATIONS), cfg.seed), sample)
+        room = float(np.median(np.max(probe_hi - probe_lo, axis=1)))
+        count = int(min(MAX_ANCHORS, np.ceil(room / ANCHOR_SPACING_MM) + 1))
+        per_anchor = max(cfg.num_hypotheses // count, 1)
+        rot0 = _fps_rotations_cached(per_anchor, cfg.seed)
+        box_lo, box_hi = self._feasible_boxes(rot0, sample)
+        centre, size = (box_lo + box_hi) / 2.0, box_hi - box_lo
+        longest = np.argmax(size, axis=1)
+        spread = np.zeros_like(size)
+        spread[np.arange(len(size)), longest] = size[np.arange(len(size)), longest]
+        fractions = np.linspace(-0.5, 0.5, count) if count > 1 else np.zeros(1)
+        landing = np.concatenate([centre + f * spread for f in fractions])
+        return np.tile(rot0, (count, 1, 1)), landing, count
+
+    def _feasible_boxes(self, rotations: np.ndarray, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return per rotation the box (lo, hi) of centroid positions keeping the cloud in the bone."""
+        rotated = np.einsum('rij,nj->rni', rotations, sample)
+        low, high = np.percentile(rotated, [BOX_PERCENTILE, 100 - BOX_PERCENTILE], axis=1)
+        box_lo, box_hi = self._bone_lo - low, self._bone_hi - high
+        # A cloud larger than the bone along an axis (noise, outliers): centre it there.
+        mid = (box_lo + box_hi) / 2.0
+        return np.minimum(box_lo, mid), np.maximum(box_hi, mid)
 
     def _is_distinct(self, rot_a: np.ndarray, tr_a: np.ndarray, rot_b: np.ndarray,
                      tr_b: np.ndarray, centroid: np.ndarray) -> bool:
