@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from rclpy.node import Node
+from rclpy.publisher import Publisher
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import serialize_message
 from rosbags.interfaces import (Qos, QosDurability, QosHistory, QosLiveliness, QosReliability,
@@ -170,13 +171,13 @@ def play_bag(path: str | Path, *, rate: float = 1.0, topics: Optional[Iterable[s
         if own_node:
             node = Node('neural_bone_reg_bag_player')
         try:
+            topic_infos = reader.topics
             publishers = {}
-            for topic, info in reader.topics.items():
-                if any(c.topic == topic for c in connections):
-                    offered = [q for c in info.connections for q in c.ext.offered_qos_profiles]
-                    publishers[topic] = node.create_publisher(
-                        _message_type(info.msgtype), topic,
-                        replay_qos(topic, offered, info.msgcount))
+            for topic in {c.topic for c in connections}:
+                info = topic_infos[topic]
+                offered = [q for c in info.connections for q in c.ext.offered_qos_profiles]
+                publishers[topic] = node.create_publisher(
+                    _message_type(info.msgtype), topic, replay_qos(topic, offered, info.msgcount))
             if delay_s > 0.0 and stop.wait(delay_s):
                 return 0
             return _publish_timed(reader, connections, publishers, node, rate, loop, stop,
@@ -186,13 +187,14 @@ def play_bag(path: str | Path, *, rate: float = 1.0, topics: Optional[Iterable[s
                 node.destroy_node()
 
 
-def _publish_timed(reader, connections, publishers, node: Node, rate: float, loop: bool,
-                   stop: threading.Event, on_published: Optional[OnPublished]) -> int:
+def _publish_timed(reader: Reader, connections: list, publishers: dict[str, Publisher],
+                   node: Node, rate: float, loop: bool, stop: threading.Event,
+                   on_published: Optional[OnPublished]) -> int:
+    """Publish the messages of ``connections`` on schedule, pass after pass; return the count."""
     count = 0
     while True:
         start = time.monotonic()
         first = None
-        sent_this_pass = 0
         for connection, timestamp, data in reader.messages(connections=connections):
             first = timestamp if first is None else first
             delay = start + (timestamp - first) / _NS_PER_S / rate - time.monotonic()
@@ -200,8 +202,7 @@ def _publish_timed(reader, connections, publishers, node: Node, rate: float, loo
                 return count
             publishers[connection.topic].publish(bytes(data))
             count += 1
-            sent_this_pass += 1
             if on_published is not None:
                 on_published(connection.topic, timestamp)
-        if not loop or sent_this_pass == 0:
+        if not loop or first is None:
             return count

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import array
 import sys
-from typing import Any, Union
+from typing import TYPE_CHECKING, Union
 
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import TransformStamped
@@ -20,6 +20,9 @@ from sensor_msgs.msg import PointCloud2, PointField
 
 from neural_bone_reg.core.errors import InputError
 
+if TYPE_CHECKING:
+    import rclpy.time
+
 try:  # Real ROS 2 installs have it; the PyPI wheels do not.
     from sensor_msgs_py import point_cloud2 as _point_cloud2
 except ImportError:  # pragma: no cover - depends on the installation
@@ -29,8 +32,8 @@ except ImportError:  # pragma: no cover - depends on the installation
 UNITS_PER_M = {'mm': 1000.0, 'm': 1.0}
 #: The unit of arrays unless told otherwise: the core's.
 DEFAULT_UNIT = 'mm'
-#: Largest deviation of R^T R from I, of det(R) from 1 and of the bottom row from [0 0 0 1]
-#: that a 4x4 matrix may have and still count as rigid (float32 round-off stays far below).
+#: Largest deviation of R^T R from I and of the bottom row from [0 0 0 1] that a 4x4 matrix
+#: may have and still count as rigid (float32 round-off stays far below).
 RIGID_TOLERANCE = 1e-4
 
 XYZ = ('x', 'y', 'z')
@@ -43,7 +46,7 @@ _DATATYPE_NAMES = {
 }
 
 #: What a stamp may be given as: a message, an ``rclpy.time.Time``, or integer nanoseconds.
-Stamp = Union[Time, Any, int]
+Stamp = Union[Time, 'rclpy.time.Time', int]
 
 
 def to_time_msg(stamp: Stamp) -> Time:
@@ -63,11 +66,6 @@ def to_time_msg(stamp: Stamp) -> Time:
         return Time(sec=ns // _NS_PER_S, nanosec=ns % _NS_PER_S)
     raise TypeError(f'stamp must be builtin_interfaces/Time, rclpy.time.Time or int ns, '
                     f'got {type(stamp).__name__}')
-
-
-def time_msg_to_ns(stamp: Time) -> int:
-    """Return a ``builtin_interfaces/Time`` as integer nanoseconds."""
-    return stamp.sec * _NS_PER_S + stamp.nanosec
 
 
 def units_per_m(unit: str) -> float:
@@ -136,6 +134,11 @@ def _read_xyz_fallback(msg: PointCloud2) -> np.ndarray:
         return np.zeros((0, 3), np.float32)
     dtype = _xyz_dtype(msg)
     _check_size(msg)
+    return _view_xyz(msg, dtype)
+
+
+def _view_xyz(msg: PointCloud2, dtype: np.dtype) -> np.ndarray:
+    """Return the finite x y z of a validated cloud whose points have structured ``dtype``."""
     points = np.ndarray(shape=(msg.height, msg.width), dtype=dtype,
                         buffer=np.frombuffer(msg.data, dtype=np.uint8),
                         strides=(msg.row_step, msg.point_step))
@@ -166,13 +169,13 @@ def cloud_to_xyz(msg: PointCloud2, *, unit: str = DEFAULT_UNIT) -> np.ndarray:
     per_m = units_per_m(unit)
     if msg.width * msg.height == 0:
         return np.zeros((0, 3), np.float32)
-    _xyz_dtype(msg)  # uniform errors for both readers
+    dtype = _xyz_dtype(msg)  # the same errors whichever reader runs
     _check_size(msg)
     if _point_cloud2 is not None and _sensor_msgs_py_can_read(msg):
         xyz = _point_cloud2.read_points_numpy(msg, field_names=list(XYZ), skip_nans=True)
         xyz = _finite_rows(np.asarray(xyz, dtype=np.float32).reshape(-1, 3))
     else:
-        xyz = _read_xyz_fallback(msg)
+        xyz = _view_xyz(msg, dtype)
     return xyz * np.float32(per_m) if per_m != 1.0 else xyz
 
 
