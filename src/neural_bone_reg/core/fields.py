@@ -9,47 +9,93 @@ import torch
 
 from neural_bone_reg.core.udf import DistanceGrid
 
+#: Added under the square root of the outside distance so its gradient is finite at zero (mm^2).
+_OUTSIDE_EPS_MM2 = 1e-12
+
+
+class _TrilinearLookup(torch.autograd.Function):
+    """Trilinear value and its analytic gradient in one pass, without an autograd graph."""
+
+    @staticmethod
+    def forward(ctx, points: torch.Tensor, grid: 'GridField') -> torch.Tensor:  # noqa: D102
+        value, gradient = grid.lookup(points, with_gradient=True)
+        ctx.save_for_backward(gradient)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value: torch.Tensor):  # noqa: D102
+        (gradient,) = ctx.saved_tensors
+        return grad_value.unsqueeze(-1) * gradient, None
+
 
 class GridField:
     """Trilinear lookup in a distilled distance grid, continued linearly outside it.
 
     Outside the grid the value is the clamped lookup plus the distance to the grid box, so
-    points far from the bone still feel a gradient towards it. The lookup gathers the eight
-    corners from the flat grid and differentiates only the interpolation weights, which is
-    several times faster on the CPU than ``grid_sample``'s backward pass.
+    points far from the bone still feel a gradient towards it. The value and its gradient are
+    computed together with elementwise operations on the eight gathered corners, which is
+    several times faster on the CPU than autograd through ``grid_sample``.
     """
 
     def __init__(self, grid: DistanceGrid, device: torch.device | str = 'cpu') -> None:
         values = torch.as_tensor(grid.values, dtype=torch.float32, device=device).contiguous()
-        nx, ny, nz = values.shape
         self._flat = values.reshape(-1)
-        self._strides = (ny * nz, nz, 1)
-        self._lo = torch.as_tensor(grid.origin, dtype=torch.float32, device=device)
-        self._counts = torch.tensor([nx, ny, nz], dtype=torch.float32, device=device)
-        self._hi = self._lo + (self._counts - 1) * grid.voxel_mm
+        self._counts = values.shape
+        self._strides = (values.shape[1] * values.shape[2], values.shape[2], 1)
+        self._lo = [float(v) for v in grid.origin]
+        self._hi = [float(o + (n - 1) * grid.voxel_mm) for o, n in zip(grid.origin, values.shape)]
         self._voxel = float(grid.voxel_mm)
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
         """Return distances (...,) in mm at points (..., 3) in mm."""
-        clamped = torch.maximum(torch.minimum(points, self._hi), self._lo)
-        outside = (points - clamped).norm(dim=-1)
-        u = (clamped - self._lo) / self._voxel
-        base = torch.minimum(u.detach().floor(), self._counts - 2)
-        frac = u - base
-        base = base.long()
+        if torch.is_grad_enabled() and points.requires_grad:
+            return _TrilinearLookup.apply(points, self)
+        return self.lookup(points, with_gradient=False)[0]
+
+    def lookup(self, points: torch.Tensor,
+               with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return the distances (...,) and, if asked, their gradient (..., 3) at points (..., 3)."""
+        points = points.detach()
+        fractions, offsets, outside, clamped_axes = [], None, None, []
+        for axis in range(3):
+            coord = points[..., axis]
+            inside = coord.clamp(self._lo[axis], self._hi[axis])
+            beyond = coord - inside
+            outside = beyond * beyond if outside is None else outside + beyond * beyond
+            clamped_axes.append(beyond)
+            cell = (inside - self._lo[axis]) / self._voxel
+            base = cell.floor().clamp_(max=self._counts[axis] - 2)
+            fractions.append(cell - base)
+            term = base.long() * self._strides[axis]
+            offsets = term if offsets is None else offsets + term
+        fx, fy, fz = fractions
         sx, sy, sz = self._strides
-        idx = base[..., 0] * sx + base[..., 1] * sy + base[..., 2] * sz
-        fx, fy, fz = frac.unbind(-1)
-        v = self._flat
+        shape = offsets.shape
+        flat = offsets.reshape(-1)
 
-        def lerp_z(offset: torch.Tensor) -> torch.Tensor:
-            low = v[offset]
-            return low + (v[offset + sz] - low) * fz
+        def corner(shift: int) -> torch.Tensor:
+            return self._flat.index_select(0, flat + shift).reshape(shape)
 
-        c00 = lerp_z(idx)
-        c01 = lerp_z(idx + sy)
-        c10 = lerp_z(idx + sx)
-        c11 = lerp_z(idx + sx + sy)
+        v000, v001, v010, v011 = corner(0), corner(sz), corner(sy), corner(sy + sz)
+        v100, v101, v110, v111 = corner(sx), corner(sx + sz), corner(sx + sy), corner(sx + sy + sz)
+        c00 = v000 + (v001 - v000) * fz
+        c01 = v010 + (v011 - v010) * fz
+        c10 = v100 + (v101 - v100) * fz
+        c11 = v110 + (v111 - v110) * fz
         c0 = c00 + (c01 - c00) * fy
         c1 = c10 + (c11 - c10) * fy
-        return c0 + (c1 - c0) * fx + outside
+        distance_out = torch.sqrt(outside + _OUTSIDE_EPS_MM2)
+        value = c0 + (c1 - c0) * fx + distance_out
+        if not with_gradient:
+            return value, None
+        d0 = (v001 - v000) + ((v011 - v010) - (v001 - v000)) * fy
+        d1 = (v101 - v100) + ((v111 - v110) - (v101 - v100)) * fy
+        inv = 1.0 / self._voxel
+        grads = [(c1 - c0) * inv,
+                 ((c01 - c00) + ((c11 - c10) - (c01 - c00)) * fx) * inv,
+                 (d0 + (d1 - d0) * fx) * inv]
+        # Along a clamped axis the lookup is constant; the outside distance carries the slope.
+        for axis in range(3):
+            beyond = clamped_axes[axis]
+            grads[axis] = torch.where(beyond == 0, grads[axis], beyond / distance_out)
+        return value, torch.stack(grads, dim=-1)

@@ -107,7 +107,7 @@ def optimise(hypotheses: HypothesisSet, field: DistanceField, points: torch.Tens
     only the best ``prune_keep`` share of the hypotheses (never fewer than ``min_survivors``)
     is kept computing, which spends the budget on the hypotheses that are getting somewhere.
     """
-    optimiser = torch.optim.Adam(hypotheses.parameters(), lr=learning_rate)
+    optimiser = torch.optim.Adam(hypotheses.parameters(), lr=learning_rate, foreach=True)
     active = torch.arange(hypotheses.rot0.shape[0], device=hypotheses.rot0.device)
     history: list[float] = []
     converged = False

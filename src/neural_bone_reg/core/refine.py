@@ -34,7 +34,7 @@ class SurfaceModel:
         The tangential part beyond the sample spacing is added back, so a point beside the
         surface's edge is not mistaken for one on it.
         """
-        dist, idx = self.tree.query(points, workers=-1)
+        dist, idx = self.tree.query(points, workers=1)
         normal_part = np.abs(np.einsum('ij,ij->i', points - self.points[idx], self.normals[idx]))
         tangential = np.sqrt(np.maximum(dist ** 2 - normal_part ** 2, 0.0))
         return np.sqrt(normal_part ** 2 + np.maximum(tangential - self.spacing, 0.0) ** 2)
@@ -71,7 +71,7 @@ def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
     radius = float(np.linalg.norm(points - points.mean(axis=0), axis=1).mean()) or 1.0
     for iteration in range(1, max_iterations + 1):
         moved = points @ rotation.T + translation
-        dist, idx = surface.tree.query(moved, workers=-1,
+        dist, idx = surface.tree.query(moved, workers=1,
                                        distance_upper_bound=ICP_REJECT_SCALES * robust_scale_mm + surface.spacing)
         valid = np.isfinite(dist)
         if valid.sum() < 6:

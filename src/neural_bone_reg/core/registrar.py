@@ -36,7 +36,7 @@ MAX_ANCHORS = 8
 #: A cloud wider than this multiple of the bone's diagonal cannot be a patch of it.
 MAX_CLOUD_TO_BONE_EXTENT = 1.5
 #: ICP runs on at most this many points of the cloud (seeded subset); scoring uses all.
-ICP_POINTS = 5000
+ICP_POINTS = 3000
 #: How many distinct candidates are refined and compared for the ambiguity measure.
 REFINED_CANDIDATES = 3
 
