@@ -23,21 +23,19 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 TF_TOPIC = '/tf'
 TF_STATIC_TOPIC = '/tf_static'
-#: tf2_ros.DynamicBroadcasterQoS: keep last 100, reliable, volatile.
-DYNAMIC_BROADCASTER_QOS = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST,
-                                     reliability=ReliabilityPolicy.RELIABLE,
-                                     durability=DurabilityPolicy.VOLATILE)
-#: tf2_ros.StaticBroadcasterQoS: keep last 1, reliable, transient local (latched).
-STATIC_BROADCASTER_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
-                                    reliability=ReliabilityPolicy.RELIABLE,
-                                    durability=DurabilityPolicy.TRANSIENT_LOCAL)
-#: tf2_ros.DynamicListenerQoS and StaticListenerQoS.
-DYNAMIC_LISTENER_QOS = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST,
-                                  reliability=ReliabilityPolicy.RELIABLE,
-                                  durability=DurabilityPolicy.VOLATILE)
-STATIC_LISTENER_QOS = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST,
-                                 reliability=ReliabilityPolicy.RELIABLE,
-                                 durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def _reliable_qos(depth: int, durability: DurabilityPolicy) -> QoSProfile:
+    return QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST,
+                      reliability=ReliabilityPolicy.RELIABLE, durability=durability)
+
+
+#: tf2_ros's DynamicBroadcasterQoS and DynamicListenerQoS: keep last 100, reliable, volatile.
+DYNAMIC_BROADCASTER_QOS = DYNAMIC_LISTENER_QOS = _reliable_qos(100, DurabilityPolicy.VOLATILE)
+#: tf2_ros's StaticBroadcasterQoS: keep last 1, reliable, transient local (latched).
+STATIC_BROADCASTER_QOS = _reliable_qos(1, DurabilityPolicy.TRANSIENT_LOCAL)
+#: tf2_ros's StaticListenerQoS: keep last 100, reliable, transient local.
+STATIC_LISTENER_QOS = _reliable_qos(100, DurabilityPolicy.TRANSIENT_LOCAL)
 
 Transforms = Union[TransformStamped, Iterable[TransformStamped]]
 
