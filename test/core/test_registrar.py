@@ -77,3 +77,18 @@ def test_unavailable_cuda_is_a_clear_error(phantom_path, cache_dir, small_config
         pytest.skip('CUDA is present here')
     with pytest.raises(ValueError, match='CUDA is not available'):
         BoneRegistrar.from_mesh(phantom_path, device='cuda', cache_dir=cache_dir, configs=small_configs)
+
+
+@pytest.mark.parametrize('device', ['cpu', 'cuda'])
+def test_same_code_on_each_device(phantom_registrar, phantom_mesh, device):
+    import torch
+    if device == 'cuda' and not torch.cuda.is_available():
+        pytest.skip('no CUDA device on this machine')
+    reg = BoneRegistrar.from_checkpoint(phantom_registrar.checkpoint_path, device=device,
+                                        registration=phantom_registrar.config)
+    assert reg.device.type == device
+    rng = np.random.default_rng(21)
+    cloud = sim.simulate_partial_cloud(phantom_mesh, rng, n_points=1500)
+    pose = sim.random_pose(rng)
+    res = reg.register(apply_transform(pose, cloud))
+    assert metrics.rre_deg(res.transform, invert_transform(pose)) < 2.0

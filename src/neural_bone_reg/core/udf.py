@@ -37,6 +37,8 @@ ACCURACY_BAND_MM = 10.0
 ACCURACY_SAMPLES = 20_000
 #: Points per forward pass when evaluating the field in bulk (grid distillation).
 EVAL_CHUNK = 65_536
+#: Without a progress callback or bar, training logs every this many percent.
+LOG_EVERY_PERCENT = 10
 #: The learning rate decays (cosine) to this fraction of its initial value.
 FINAL_LR_FRACTION = 0.05
 
@@ -173,7 +175,8 @@ def train_udf(mesh: trimesh.Trimesh | None = None, cloud: np.ndarray | None = No
               progress: ProgressCallback | bool | None = None) -> UdfModel:
     """Fit the UDF of one bone, from a mesh (exact distances) or a surface cloud (self-supervised).
 
-    ``progress`` is a callback ``(step, total, loss)`` or True for a tqdm bar on stderr.
+    ``progress`` is a callback ``(step, total, loss)``, True for a tqdm bar on stderr, or None
+    to log progress every 10 %.
     """
     if (mesh is None) == (cloud is None):
         raise ValueError('train_udf needs exactly one of mesh or cloud')
@@ -227,6 +230,9 @@ def train_udf(mesh: trimesh.Trimesh | None = None, cloud: np.ndarray | None = No
                 bar.set_postfix(loss_mm=f'{value * scale:.3f}')
             elif callable(progress):
                 progress(step + 1, train_config.iterations, value * scale)
+            elif (step + 1) % (report_every * LOG_EVERY_PERCENT) == 0:
+                LOG.info('training UDF: %d/%d steps, L1 %.3f mm', step + 1,
+                         train_config.iterations, value * scale)
     if bar is not None:
         bar.close()
     field.eval()
