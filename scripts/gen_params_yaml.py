@@ -75,8 +75,8 @@ REGISTRATION_NODE_HEAD = """\
     # Range [1, 100000000].
     max_cloud_points: 2000000
     sweep:
-      # Points (after voxel downsampling) needed before a sweep is registered. Every new slice
-      # after that triggers a new solve on the newest data. Range [3, 10000000].
+      # Points (after voxel downsampling) needed before a sweep is registered; later solves
+      # always take the newest data. Range [3, 10000000].
       min_points: 1500
       # Slices older than this (by header stamp) than the newest slice drop out, s.
       # Range [0.01, 3600.0].
@@ -87,6 +87,12 @@ REGISTRATION_NODE_HEAD = """\
       # Most points held; the oldest slices drop out beyond it (bounded memory).
       # Range [100, 10000000].
       max_points: 60000
+      # Solve once no slice has arrived for this long, s (the probe paused or the sweep ended);
+      # 0 solves on every new slice. Range [0.0, 60.0].
+      settle_s: 0.3
+      # During a sweep that keeps streaming, solve at the latest this long after new data became
+      # due, s. Range [0.0, 3600.0].
+      max_wait_s: 2.0
 """
 
 

@@ -32,8 +32,15 @@ DEFAULT_TIMEOUT_S = 1200.0
 DOMAIN_ID_RANGE = (1, 200)
 #: Seconds given to a child process to exit after SIGINT, then after SIGTERM.
 CHILD_EXIT_TIMEOUT_S = 10.0
-#: Seconds the replay waits for discovery before the first cloud.
+#: Seconds the replay waits, after its cloud topic has matched every expected subscriber, for
+#: the replay publishers themselves to be matched (same participant: endpoint discovery only).
 REPLAY_DELAY_S = 1.0
+#: Seconds the replay waits for the registration node and the demo to subscribe to the clouds.
+#: A new participant's discovery can take a few seconds on a loaded machine (a missed initial
+#: announcement is repeated only after the lease period).
+REPLAY_DISCOVERY_TIMEOUT_S = 30.0
+#: Seconds to wait for the diagnostics that follow a transform.
+MESSAGE_WAIT_S = 5.0
 #: Lines of a child's log printed when something fails.
 LOG_TAIL_LINES = 25
 DEFAULT_TRUTH_FRAME = 'bone_truth'
@@ -67,6 +74,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
     demo.add_argument('--preset', default='', choices=('', 'default', 'paper', 'fast'),
                       help="registration preset for the node (default: the params file's)")
+    demo.add_argument('--preop-params', action='append', default=[], metavar='YAML',
+                      help='extra params file for the preop loader, after the package one '
+                           '(repeatable; e.g. a smaller train.* for a quick run)')
+    demo.add_argument('--registration-params', action='append', default=[], metavar='YAML',
+                      help='extra params file for the registration node (repeatable)')
     demo.add_argument('--keep', action='store_true',
                       help='keep the work folder (bag, logs) instead of deleting it')
     demo.set_defaults(func=run_demo)
@@ -149,7 +161,7 @@ def read_bag(path: Path, truth_frame: str) -> dict[str, Any]:
     from sensor_msgs.msg import PointCloud2
     from tf2_msgs.msg import TFMessage
 
-    from neural_bone_reg.ros.conversions import time_msg_to_ns, transform_stamped_to_matrix
+    from neural_bone_reg.ros.conversions import transform_stamped_to_matrix
 
     info: dict[str, Any] = {'truth': None, 'robot_frame': '', 'last_stamp_ns': None, 'count': 0}
     with Reader(path) as reader:
@@ -160,7 +172,7 @@ def read_bag(path: Path, truth_frame: str) -> dict[str, Any]:
         info['topic'] = clouds[0].topic
         for _, _, data in reader.messages(connections=clouds):
             header = deserialize_message(bytes(data), PointCloud2).header
-            stamp = time_msg_to_ns(header.stamp)
+            stamp = _stamp_ns(header.stamp)
             info['count'] += 1
             info['robot_frame'] = header.frame_id
             if info['last_stamp_ns'] is None or stamp > info['last_stamp_ns']:
@@ -204,6 +216,8 @@ class _Watcher:
         self.cloud_times: dict[int, float] = {}
         self.transforms: list[tuple[float, Any]] = []
         self.statuses: dict[str, Any] = {}
+        self.heartbeats: list[tuple[float, dict[str, str]]] = []
+        self.results: dict[str, Any] = {}
         self.node = rclpy.create_node('neural_bone_reg_demo')
         self.node.create_subscription(String, 'model', self.on_model, latched)
         self.node.create_subscription(TFMessage, '/tf', self.on_tf, DYNAMIC_LISTENER_QOS)
@@ -222,10 +236,9 @@ class _Watcher:
             self.cond.notify_all()
 
     def on_cloud(self, msg: Any) -> None:
-        from neural_bone_reg.ros.conversions import time_msg_to_ns
         received = time.monotonic()
         with self.cond:
-            self.cloud_times.setdefault(time_msg_to_ns(msg.header.stamp), received)
+            self.cloud_times.setdefault(_stamp_ns(msg.header.stamp), received)
 
     def on_tf(self, msg: Any) -> None:
         received = time.monotonic()
@@ -240,6 +253,12 @@ class _Watcher:
         with self.cond:
             for status in msg.status:
                 self.statuses[status.name] = status
+                if status.name.endswith('registration_node: registration'):
+                    values = {kv.key: kv.value for kv in status.values}
+                    self.results[values.get('stamp', '')] = status
+                if status.name.endswith('registration_node: model'):
+                    self.heartbeats.append(
+                        (time.monotonic(), {kv.key: kv.value for kv in status.values}))
             self.cond.notify_all()
 
     def wait(self, predicate: Any, timeout_s: float, children: list[Child]) -> bool:
@@ -309,7 +328,7 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
     import numpy as np
 
     from neural_bone_reg.core.se3 import rotation_angle_deg
-    from neural_bone_reg.ros.conversions import time_msg_to_ns, transform_stamped_to_matrix
+    from neural_bone_reg.ros.conversions import transform_stamped_to_matrix
     from neural_bone_reg.ros.model_info import decode_model_info
 
     started = time.monotonic()
@@ -340,13 +359,14 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
     common = ['-p', f'device:={args.device}']
     if args.cache_dir:
         common += ['-p', f'cache_dir:={args.cache_dir}']
+    preop_files = [find_config('preop_loader.yaml'), *args.preop_params]
+    registration_files = [find_config('registration_node.yaml'), *args.registration_params]
     children.append(Child('preop_loader', [
-        find_executable('preop_loader'), '--ros-args', '--params-file',
-        str(find_config('preop_loader.yaml')), '-p', f'mesh_path:={mesh}',
-        '-p', f'bone_frame:={BONE_FRAME}', *common], env, work))
+        find_executable('preop_loader'), '--ros-args', *_params_files(preop_files),
+        '-p', f'mesh_path:={mesh}', '-p', f'bone_frame:={BONE_FRAME}', *common], env, work))
     registration_args = [
-        find_executable('registration_node'), '--ros-args', '--params-file',
-        str(find_config('registration_node.yaml')), '-p', f'robot_frame:={robot_frame}',
+        find_executable('registration_node'), '--ros-args',
+        *_params_files(registration_files), '-p', f'robot_frame:={robot_frame}',
         '-p', f'bone_frame:={BONE_FRAME}', '-r', f"points:={info['topic']}", *common]
     if args.preset:
         registration_args += ['-p', f'preset:={args.preset}']
@@ -366,24 +386,53 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
         return _fail('the registration node did not load the model', children)
 
     children.append(Child('bag_play', [
-        sys.executable, '-m', 'neural_bone_reg.cli.main', 'play', str(bag),
-        '--delay', str(REPLAY_DELAY_S)], env, work))
+        sys.executable, '-m', 'neural_bone_reg.cli.demo_cmd', 'replay', str(bag), info['topic'],
+        '2'], env, work))
     last_ns = info['last_stamp_ns']
     remaining = max(args.timeout - (time.monotonic() - started), 1.0)
+    player = children[-1]
+    replay_end: list[float] = []
 
-    def final_transform() -> bool:
-        return any(time_msg_to_ns(t.header.stamp) == last_ns for _, t in watcher.transforms)
-    got = watcher.wait(final_transform, remaining, children[:2])
+    def done() -> bool:
+        """Tell whether the sweep's last cloud got its tf, or the node settled without it."""
+        if any(_stamp_ns(t.header.stamp) == last_ns for _, t in watcher.transforms):
+            return True
+        if player.alive():
+            return False
+        if not replay_end:
+            replay_end.append(time.monotonic())
+        # Clouds are best effort: if the last one never reached the node, stop once the node
+        # reports an idle worker and no new solve in two heartbeats after the replay ended.
+        after = [values for t, values in watcher.heartbeats if t > replay_end[0]]
+        return (len(after) >= 2 and all(v.get('worker_busy') == 'False' for v in after[-2:])
+                and after[-1].get('solves') == after[-2].get('solves'))
+    watcher.wait(done, remaining, children[:2])
     status = watcher.status('registration_node: registration')
-    if not got:
+    with watcher.cond:
+        final = [(r, t) for r, t in watcher.transforms if _stamp_ns(t.header.stamp) == last_ns]
+        newest = max(watcher.transforms, key=lambda rt: _stamp_ns(rt[1].header.stamp),
+                     default=None)
+        counters = watcher.heartbeats[-1][1] if watcher.heartbeats else {}
+        picked = final[0] if final else newest
+        cloud_received = (None if picked is None
+                          else watcher.cloud_times.get(_stamp_ns(picked[1].header.stamp)))
+    if picked is None:
         why = (f'last registration status: {status.message}' if status is not None
                else 'no registration result was reported')
-        return _fail(f'no accepted transform for the complete sweep within {args.timeout:g} s '
-                     f'({why})', children)
-    with watcher.cond:
-        received, transform = next((r, t) for r, t in watcher.transforms
-                                   if time_msg_to_ns(t.header.stamp) == last_ns)
-        cloud_received = watcher.cloud_times.get(last_ns)
+        return _fail(f'no accepted transform on tf within {args.timeout:g} s ({why}; the node '
+                     f"received {counters.get('clouds_received', '?')} of {info['count']} "
+                     'clouds)', children)
+    received, transform = picked
+    key = f'{transform.header.stamp.sec}.{transform.header.stamp.nanosec:09d}'
+    watcher.wait(lambda: key in watcher.results, MESSAGE_WAIT_S, children[:2])
+    status = watcher.results.get(key, status)
+    beats = len(watcher.heartbeats)
+    watcher.wait(lambda: len(watcher.heartbeats) > beats, MESSAGE_WAIT_S, children[:2])
+    counters = watcher.heartbeats[-1][1] if watcher.heartbeats else counters
+    if not final:
+        print(f"demo: note: the node received {counters.get('clouds_received', '?')} of "
+              f"{info['count']} clouds (best-effort sensor QoS) and its newest accepted "
+              'transform is for an earlier cloud than the last one of the sweep')
     estimate = transform_stamped_to_matrix(transform)
     np.set_printoptions(precision=4, suppress=True)
     print(f'demo: transform {robot_frame} -> {BONE_FRAME} on tf (T_robot_bone, mm):')
@@ -392,9 +441,12 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
         values = {kv.key: kv.value for kv in status.values}
         print('demo: ' + ', '.join(f'{k} {values[k]}' for k in
                                    ('residual_mm', 'inlier_fraction', 'ambiguity', 'n_points',
-                                    'solve_time_s') if k in values))
+                                    'n_slices', 'solve_time_s', 'latency_s') if k in values))
+    print(f"demo: the registration node received {counters.get('clouds_received', '?')} of "
+          f"{info['count']} clouds and solved {counters.get('solves', '?')} times")
     if cloud_received is not None:
-        print(f'demo: latency from the last cloud of the sweep to the transform on tf: '
+        which = 'the last cloud of the sweep' if final else 'its cloud'
+        print(f'demo: latency from {which} to the transform on tf: '
               f'{received - cloud_received:.3f} s')
     if info['truth'] is None:
         return _fail(f'the bag has no true pose ({args.truth_frame} on /tf_static): the '
@@ -411,6 +463,21 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
     return 0
 
 
+def _stamp_ns(stamp: Any) -> int:
+    """Return a builtin_interfaces/Time as integer nanoseconds."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def _params_files(paths: list[Any]) -> list[str]:
+    """Return ``--params-file`` arguments for existing files; raise for a missing one."""
+    argv = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f'params file {path} does not exist')
+        argv += ['--params-file', str(path)]
+    return argv
+
+
 def _error(watcher: _Watcher, node_name: str) -> str:
     """Return the message of an ERROR model status of a node, or ''."""
     from diagnostic_msgs.msg import DiagnosticStatus
@@ -425,3 +492,45 @@ def _loaded(watcher: _Watcher) -> bool:
 
     status = watcher.status('registration_node: model')
     return status is not None and status.level == DiagnosticStatus.OK
+
+
+def replay_main(argv: list[str]) -> int:
+    """Replay a bag once its cloud topic has ``subscribers`` matched subscribers.
+
+    ``python -m neural_bone_reg.cli.demo_cmd replay BAG TOPIC SUBSCRIBERS``: the demo's replay
+    process. It first discovers the subscribers with a probe publisher on the cloud topic of
+    its own participant, then replays the bag with that participant (helper of the demo; use
+    ``neural-bone-reg play`` otherwise).
+    """
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import PointCloud2
+
+    from neural_bone_reg.ros.bag import play_bag
+
+    if len(argv) != 4 or argv[0] != 'replay':
+        print('usage: python -m neural_bone_reg.cli.demo_cmd replay BAG TOPIC SUBSCRIBERS',
+              file=sys.stderr)
+        return 2
+    bag, topic, subscribers = argv[1], argv[2], int(argv[3])
+    rclpy.init()
+    node = rclpy.create_node('neural_bone_reg_demo_replay')
+    try:
+        probe = node.create_publisher(PointCloud2, topic, qos_profile_sensor_data)
+        deadline = time.monotonic() + REPLAY_DISCOVERY_TIMEOUT_S
+        while probe.get_subscription_count() < subscribers and time.monotonic() < deadline:
+            rclpy.spin_once(node, timeout_sec=0.1)
+        print(f'replay: {probe.get_subscription_count()} subscriber(s) on {topic}', flush=True)
+        count = play_bag(bag, node=node, delay_s=REPLAY_DELAY_S)
+        print(f'replay: published {count} messages from {bag}', flush=True)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        return 130
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(replay_main(sys.argv[1:]))

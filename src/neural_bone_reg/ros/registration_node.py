@@ -111,13 +111,16 @@ class RegistrationNode(Node):
         self._bone_frame_param = self.get_parameter('bone_frame').value
         self._max_cloud_points = self.get_parameter('max_cloud_points').value
         self._sweep_min_points = self.get_parameter('sweep.min_points').value
+        self._sweep_settle_s = self.get_parameter('sweep.settle_s').value
+        self._sweep_max_wait_s = self.get_parameter('sweep.max_wait_s').value
         self._sweep = self._make_sweep_buffer({})
         self.get_logger().info(
             f'mode={self._mode} device={self._device_name} preset={self._preset} '
             f'robot_frame={self._robot_frame!r} bone_frame={self._bone_frame_param!r} '
             f'max_cloud_points={self._max_cloud_points} sweep.min_points='
             f'{self._sweep_min_points} sweep.max_age_s={self._sweep.max_age_s} '
-            f'sweep.voxel_mm={self._sweep.voxel_mm} sweep.max_points={self._sweep.max_points}\n'
+            f'sweep.voxel_mm={self._sweep.voxel_mm} sweep.max_points={self._sweep.max_points} '
+            f'sweep.settle_s={self._sweep_settle_s} sweep.max_wait_s={self._sweep_max_wait_s}\n'
             + ros_params.format_configs(self._configs, ('registration',)))
 
         # State shared with the worker, guarded by _cond.
@@ -129,6 +132,7 @@ class RegistrationNode(Node):
         self._sweep_force = False
         self._sweep_stamp_ns = 0
         self._sweep_received = 0.0
+        self._sweep_dirty_since = 0.0
         self._model_job: _ModelJob | None = None
         self._pending_registration = None
         self._registrar: Any = None
@@ -215,6 +219,12 @@ class RegistrationNode(Node):
         declare(self, 'sweep.voxel_mm', 1.0,
                 'Sweep mode: voxel edge in mm for downsampling the accumulated points; 0 = off.',
                 value_range=(0.0, 50.0))
+        declare(self, 'sweep.settle_s', 0.3,
+                'Sweep mode: solve once no slice has arrived for this long, s; 0 = solve on '
+                'every new slice.', value_range=(0.0, 60.0))
+        declare(self, 'sweep.max_wait_s', 2.0,
+                'Sweep mode: during a continuing sweep, solve at the latest this long after new '
+                'data became due, s.', value_range=(0.0, 3600.0))
         declare(self, 'sweep.max_points', 60_000,
                 'Sweep mode: most points held; the oldest slices drop out beyond it.',
                 value_range=(100, 10_000_000))
@@ -265,6 +275,8 @@ class RegistrationNode(Node):
             self._bone_frame_param = changes.get('bone_frame', self._bone_frame_param)
             self._max_cloud_points = changes.get('max_cloud_points', self._max_cloud_points)
             self._sweep_min_points = changes.get('sweep.min_points', self._sweep_min_points)
+            self._sweep_settle_s = changes.get('sweep.settle_s', self._sweep_settle_s)
+            self._sweep_max_wait_s = changes.get('sweep.max_wait_s', self._sweep_max_wait_s)
             self._cond.notify_all()
         self.get_logger().info(f'parameters changed: {changes}')
         return SetParametersResult(successful=True)
@@ -315,7 +327,10 @@ class RegistrationNode(Node):
                     self.n_dropped += 1
                 self._sweep_stamp_ns = stamp_ns
                 self._sweep_received = received
-                self._sweep_dirty = self._sweep.n_points >= self._sweep_min_points
+                due = self._sweep.n_points >= self._sweep_min_points
+                if due and not self._sweep_dirty:
+                    self._sweep_dirty_since = received
+                self._sweep_dirty = due
             self._cond.notify_all()
 
     def on_model(self, msg: String) -> None:
@@ -377,12 +392,24 @@ class RegistrationNode(Node):
 
     # ----------------------------------------------------------------- worker
 
-    def _has_work(self) -> bool:
+    def _work_delay(self) -> float | None:
+        """Return seconds until queued work is due (0: now), or None without work."""
         if self._model_job is not None or self._pending_registration is not None:
-            return True
+            return 0.0
         if self._registrar is None:
-            return False
-        return self._pending is not None if self._mode == 'single' else self._sweep_dirty
+            return None
+        if self._mode == 'single':
+            return 0.0 if self._pending is not None else None
+        if not self._sweep_dirty:
+            return None
+        if self._sweep_force:
+            return 0.0
+        due = min(self._sweep_received + self._sweep_settle_s,
+                  self._sweep_dirty_since + self._sweep_max_wait_s)
+        return max(0.0, due - time.monotonic())
+
+    def _has_work(self) -> bool:
+        return self._work_delay() is not None
 
     def _take_job(self) -> _Job | None:
         """Take the newest work under the lock (the caller holds _cond)."""
@@ -402,7 +429,8 @@ class RegistrationNode(Node):
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
-                self._cond.wait_for(lambda: self._stop or self._has_work())
+                while not self._stop and self._work_delay() != 0.0:
+                    self._cond.wait(self._work_delay())  # None: until notified
                 if self._stop:
                     return
                 self._busy = True
@@ -565,7 +593,12 @@ class RegistrationNode(Node):
     def on_diagnostics_timer(self) -> None:
         """Repeat the model status, as diagnostic_updater does, for late subscribers."""
         level, message, values = self._model_status
-        self._diag_pub.publish(diagnostic_array(self, 'model', level, message, values))
+        counters = {'clouds_received': self.n_received, 'inputs_rejected': self.n_rejected_inputs,
+                    'clouds_dropped': self.n_dropped, 'solves': self.n_solves,
+                    'broadcasts': self.n_broadcasts, 'worker_busy': self._busy,
+                    'sweep_points': self._sweep.n_points}
+        self._diag_pub.publish(diagnostic_array(self, 'model', level, message,
+                                                {**values, **counters}))
 
     def _publish_diag(self, component: str, level: bytes, message: str,
                       values: dict[str, Any] | None = None) -> None:
