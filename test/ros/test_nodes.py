@@ -90,8 +90,8 @@ def spin(ros_context: Any, ros_executor: Any) -> Iterator[Callable[[Any], Any]]:
         return node
 
     yield add
+    ros_executor.stop()  # before destroying nodes it spins (rclpy#1355)
     for node in reversed(nodes):
-        ros_executor.remove_node(node)
         node.destroy_node()
 
 
@@ -334,13 +334,15 @@ def _bad_clouds() -> dict[str, PointCloud2]:
     truncated = cloud(good, frame='bad_truncated')
     truncated.data = truncated.data[:-7]
     millimetres = cloud(good * 1000.0, frame='bad_units')  # mm values on a metre wire
+    shrunk = cloud(good / 1000.0, frame='bad_shrunk')  # converted to metres twice
     return {'empty': empty, 'nan': nan, 'fields': no_z, 'datatype': ints, 'huge': huge,
-            'truncated': truncated, 'units': millimetres}
+            'truncated': truncated, 'units': millimetres, 'shrunk': shrunk}
 
 
 @pytest.mark.parametrize('case,needle', [
     ('empty', 'empty'), ('nan', 'all NaN'), ('fields', "'z'"), ('datatype', 'INT32'),
     ('huge', 'max_cloud_points'), ('truncated', 'bytes'), ('units', 'mm?'),
+    ('shrunk', 'metres?'),
 ])
 def test_bad_input_gives_an_error_diagnostic_no_tf_and_the_node_goes_on(
         ros_context: Any, spin: Callable[[Any], Any], probe: Any, case: str,
@@ -534,6 +536,21 @@ def test_preop_loader_publishes_the_model_latched(
     assert surface is not None and surface.header.frame_id == 'femur_ct'
     np.testing.assert_allclose(cloud_to_xyz(surface), registrar.surface_points, atol=1e-2)
     assert configs.train.iterations == TEST_TRAIN['iterations']
+
+
+def test_registration_node_loads_a_mesh_given_by_parameter(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any, phantom_cache: Path) -> None:
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    params = {'mesh_path': str(sim.phantom_mesh_path(phantom_cache)),
+              'cache_dir': str(phantom_cache), 'mode': 'single'}
+    params.update({f'udf.{k}': v for k, v in TEST_UDF.items()})
+    params.update({f'train.{k}': v for k, v in TEST_TRAIN.items()})
+    node = spin(registration_node(ros_context, **params))
+    array = diags.wait_for(lambda a: find_status(a, 'model', level=DiagnosticStatus.OK)
+                           is not None, SOLVE_TIMEOUT_S)
+    assert array is not None, 'the mesh given by parameter was not loaded from the cache'
+    assert 'mesh_path parameter' in find_status(array, 'model').message
+    assert node._registrar.checkpoint_path == trained_phantom(phantom_cache).checkpoint_path
 
 
 def test_real_registration_of_a_posed_phantom_patch_and_of_a_foreign_bone(

@@ -39,6 +39,8 @@ REPLAY_DELAY_S = 1.0
 #: A new participant's discovery can take a few seconds on a loaded machine (a missed initial
 #: announcement is repeated only after the lease period).
 REPLAY_DISCOVERY_TIMEOUT_S = 30.0
+#: Seconds between two printed training progress messages.
+PROGRESS_PERIOD_S = 15.0
 #: Seconds to wait for the diagnostics that follow a transform.
 MESSAGE_WAIT_S = 5.0
 #: Lines of a child's log printed when something fails.
@@ -374,8 +376,17 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
 
     print(f'demo: preparing the bone model from {mesh} (training takes minutes on a CPU the '
           'first time; later runs load it from the cache)')
-    ready = watcher.wait(lambda: (watcher.model is not None or _error(watcher, 'preop_loader')),
-                         args.timeout, children)
+    shown = {'message': '', 'time': 0.0}
+
+    def model_ready() -> bool:
+        status = watcher.status('preop_loader: model')
+        now = time.monotonic()
+        if (status is not None and status.message != shown['message']
+                and now - shown['time'] >= PROGRESS_PERIOD_S):
+            print(f'demo: preop_loader: {status.message}', flush=True)
+            shown.update(message=status.message, time=now)
+        return watcher.model is not None or bool(_error(watcher, 'preop_loader'))
+    ready = watcher.wait(model_ready, args.timeout, children)
     if not ready or watcher.model is None:
         reason = _error(watcher, 'preop_loader') or 'no model announced in time'
         return _fail(f'the preop loader did not provide a model: {reason}', children)
