@@ -86,7 +86,7 @@ class PreopLoader(LifecycleNode):
         self._diag_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC,
                                                DIAGNOSTICS_QOS)
         self._model_status: tuple[bytes, str, dict[str, Any]] = (
-            WARN, 'not configured yet', {})
+            WARN, 'starting: not configured yet', {})
         self._diag_timer = self.create_timer(DIAGNOSTICS_PERIOD_S, self.on_diagnostics_timer)
         self._lock = threading.Lock()
         self._cancel = threading.Event()
