@@ -123,6 +123,29 @@ class Collector(Generic[M]):
             return len(self.messages)
 
 
+def matched_publisher(node: Any, msg_type: type, topic: str, qos: Any, subscribers: int = 1,
+                      timeout_s: float = MESSAGE_TIMEOUT_S) -> Any:
+    """Create a publisher and wait until it matches ``subscribers`` subscriptions.
+
+    A volatile message published before discovery completes is lost; this waits on the
+    publisher's matched event (``node`` must be spun elsewhere). It returns the publisher
+    even on timeout, so the test fails on the missing message with its own explanation.
+    """
+    from rclpy.event_handler import PublisherEventCallbacks
+
+    matched = threading.Event()
+
+    def on_matched(info: Any) -> None:
+        if info.current_count >= subscribers:
+            matched.set()
+
+    pub = node.create_publisher(msg_type, topic, qos,
+                                event_callbacks=PublisherEventCallbacks(matched=on_matched))
+    if pub.get_subscription_count() < subscribers:
+        matched.wait(timeout_s)
+    return pub
+
+
 def status_values(status: Any) -> dict[str, str]:
     """Return a DiagnosticStatus's key/value pairs as a dict."""
     return {kv.key: kv.value for kv in status.values}

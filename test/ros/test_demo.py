@@ -55,8 +55,8 @@ def test_demo_registers_the_simulated_sweep_and_reports_latency(demo_args: list[
     assert 'error against the truth' in output
 
 
-def test_demo_fails_when_the_pose_disagrees_with_the_truth(demo_args: list[str],
-                                                             tmp_path: Path) -> None:
+def test_demo_fails_when_the_pose_disagrees_with_the_truth(
+        demo_args: list[str], tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     pose = sim.random_pose(rng)
     sweep = sim.simulate_sweep(sim.make_phantom_mesh(), rng)

@@ -40,7 +40,8 @@ from neural_bone_reg.ros.preop_loader import LATCHED_QOS, PreopLoader
 from neural_bone_reg.ros.registration_node import RegistrationNode
 from neural_bone_reg.ros.sweep_buffer import SweepBuffer, voxel_downsample
 from neural_bone_reg.ros.tf_compat import TfWaiter
-from ros_test_support import (Collector, CONFIG_DIR, find_status, MESSAGE_TIMEOUT_S,
+from ros_test_support import (Collector, CONFIG_DIR, find_status, matched_publisher,
+                              MESSAGE_TIMEOUT_S,
                               rotation_error_deg, shared_cache_dir, small_configs,
                               SOLVE_TIMEOUT_S, status_values, TEST_REGISTRATION, TEST_TRAIN,
                               TEST_UDF, trained_phantom)
@@ -252,7 +253,7 @@ def test_worker_keeps_only_the_latest_cloud_and_never_blocks_the_executor(
     node = spin(registration_node(ros_context, mode='single', bone_frame='bone'))
     scripted = ScriptedRegistrar(block=True)
     node.use_registrar(scripted)
-    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
     waiter = TfWaiter(probe, 'robot', 'bone')
     clouds = {name: patch_points(seed) for seed, name in enumerate('ABCD')}
     stamps = {name: (10 + i) * 1_000_000_000 for i, name in enumerate('ABCD')}
@@ -289,7 +290,7 @@ def test_registered_points_are_the_cloud_in_the_bone_frame(
     node = spin(registration_node(ros_context, mode='single', bone_frame='femur'))
     node.use_registrar(ScriptedRegistrar())
     out = Collector(probe, PointCloud2, '/registered_points', LATCHED_QOS)
-    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
     points = patch_points(3)
     pub.publish(cloud(points, frame='tracker'))
     msg = out.wait_for(lambda m: True, SOLVE_TIMEOUT_S)
@@ -304,7 +305,7 @@ def test_rejected_result_gives_a_warning_and_no_tf(
                                          reasons=('ambiguity 0.90 > gate 0.80',)))
     diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
     waiter = TfWaiter(probe, 'robot', 'bone')
-    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
     pub.publish(cloud(patch_points(1)))
     array = diags.wait_for(lambda a: find_status(a, 'registration', level=DiagnosticStatus.WARN)
                            is not None, SOLVE_TIMEOUT_S)
@@ -352,7 +353,7 @@ def test_bad_input_gives_an_error_diagnostic_no_tf_and_the_node_goes_on(
     node.use_registrar(scripted)
     assert node.wait_idle(MESSAGE_TIMEOUT_S)
     diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
-    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
     bad = _bad_clouds()[case]
     frame = bad.header.frame_id
     bad_tf = TfWaiter(probe, frame, 'bone')
@@ -375,7 +376,7 @@ def test_a_cloud_in_another_frame_than_robot_frame_is_rejected(
     node = spin(registration_node(ros_context, mode='single', robot_frame='world'))
     node.use_registrar(ScriptedRegistrar())
     diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
-    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
     pub.publish(cloud(patch_points(), frame='camera'))
     array = diags.wait_for(lambda a: find_status(a, 'input', frame_id='camera') is not None,
                            MESSAGE_TIMEOUT_S)
@@ -388,7 +389,7 @@ def test_sweep_mode_accumulates_slices_until_min_points(
                                   **{'sweep.min_points': 1000, 'sweep.voxel_mm': 0.0}))
     scripted = ScriptedRegistrar()
     node.use_registrar(scripted)
-    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
     waiter = TfWaiter(probe, 'robot', 'bone')
     rng = np.random.default_rng(0)
     slices = sim.simulate_sweep(sim.make_phantom_mesh(), rng, n_frames=5, points_per_frame=300)
@@ -428,7 +429,7 @@ def test_register_now_and_reset_services(ros_context: Any, spin: Callable[[Any],
     assert node.wait_idle(MESSAGE_TIMEOUT_S)
     response = call(register_now)
     assert not response.success and 'empty' in response.message
-    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
     pub.publish(cloud(patch_points(n=300)))
     for _ in range(100):
         if node.n_received >= 1:
@@ -561,7 +562,7 @@ def test_real_registration_of_a_posed_phantom_patch_and_of_a_foreign_bone(
     params.update({f'registration.{k}': v for k, v in TEST_REGISTRATION.items()})
     spin(registration_node(ros_context, **params))
     diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
-    pub = probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
     rng = np.random.default_rng(7)
     t_robot_bone = sim.random_pose(rng)
     mesh = sim.make_phantom_mesh()
