@@ -11,12 +11,14 @@ from neural_bone_reg.core.se3 import apply_transform
 
 
 @pytest.fixture
-def small_config_yaml(tmp_path):
-    from conftest import SMALL_TRAIN, SMALL_UDF
+def small_config_yaml(tmp_path, small_configs):
     import yaml
 
+    from neural_bone_reg.core.config import as_dict
+
     path = tmp_path / 'small.yaml'
-    path.write_text(yaml.safe_dump({'udf': SMALL_UDF, 'train': SMALL_TRAIN}))
+    path.write_text(yaml.safe_dump({'udf': as_dict(small_configs.udf),
+                                    'train': as_dict(small_configs.train)}))
     return path
 
 

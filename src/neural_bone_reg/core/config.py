@@ -135,12 +135,16 @@ class RegistrationConfig:
     """Fewer valid points than this is an input error."""
     early_stop_tolerance: float = 1e-4
     """A stage stops when its best cost improves less than this (relative) over a window."""
-    gate_max_residual_mm: float = 2.5
+    gate_max_residual_mm: float = 2.0
     """Accept only if the mean inlier distance is at most this."""
     gate_min_inlier_fraction: float = 0.6
     """Accept only if at least this share of points are inliers."""
-    gate_max_ambiguity: float = 0.8
-    """Accept only if best/alternative truncated cost is at most this (1 = indistinguishable)."""
+    gate_max_ambiguity: float = 0.72
+    """Accept only if best/alternative truncated cost is at most this (1 = indistinguishable).
+
+    Calibrated on real ultrasound: correct fits score 0.56-0.71 (up to 1 mm added noise), while
+    a left femur's cloud on the right femur (a mirror image: the wrong-side error) scores 0.80.
+    """
     seed: int = 0
     """Seed of sampling and head initialisation."""
 
