@@ -26,9 +26,6 @@ import time
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray
-import rclpy
-from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.time import Time
@@ -41,6 +38,7 @@ from neural_bone_reg.ros.conversions import xyz_to_cloud
 from neural_bone_reg.ros.diagnostics import (diagnostic_array, DIAGNOSTICS_QOS,
                                              DIAGNOSTICS_TOPIC, ERROR, OK, WARN)
 from neural_bone_reg.ros.model_info import encode_model_info, ModelInfo
+from neural_bone_reg.ros.node_main import run_node
 
 NODE_NAME = 'preop_loader'
 PHANTOM = 'phantom'
@@ -252,27 +250,15 @@ class PreopLoader(LifecycleNode):
         super().destroy_node()
 
 
+def _autostart(node: PreopLoader) -> None:
+    if node.get_parameter('autostart').value:
+        if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            node.trigger_activate()
+
+
 def main(args: list[str] | None = None) -> int:
     """Run the preop loader until shutdown; return 2 for invalid parameters."""
-    rclpy.init(args=args)
-    node = None
-    try:
-        try:
-            node = PreopLoader()
-        except (ValueError, ParameterException) as exc:
-            rclpy.logging.get_logger(NODE_NAME).fatal(f'invalid parameters: {exc}')
-            return 2
-        if node.get_parameter('autostart').value:
-            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-                node.trigger_activate()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(PreopLoader, NODE_NAME, args, on_start=_autostart)
 
 
 if __name__ == '__main__':

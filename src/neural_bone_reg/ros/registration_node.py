@@ -26,9 +26,6 @@ from typing import Any, Callable
 from diagnostic_msgs.msg import DiagnosticArray
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
-import rclpy
-from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, qos_profile_sensor_data, QoSProfile,
@@ -47,6 +44,7 @@ from neural_bone_reg.ros.conversions import (cloud_to_xyz, matrix_to_transform_s
 from neural_bone_reg.ros.diagnostics import (diagnostic_array, DIAGNOSTICS_QOS,
                                              DIAGNOSTICS_TOPIC, ERROR, OK, WARN)
 from neural_bone_reg.ros.model_info import decode_model_info
+from neural_bone_reg.ros.node_main import run_node
 from neural_bone_reg.ros.sweep_buffer import SweepBuffer
 from neural_bone_reg.ros.tf_compat import make_tf_broadcaster, send_transforms
 
@@ -618,22 +616,7 @@ class RegistrationNode(Node):
 
 def main(args: list[str] | None = None) -> int:
     """Run the registration node until shutdown; return 2 for invalid parameters."""
-    rclpy.init(args=args)
-    node = None
-    try:
-        try:
-            node = RegistrationNode()
-        except (ValueError, ParameterException) as exc:
-            rclpy.logging.get_logger(NODE_NAME).fatal(f'invalid parameters: {exc}')
-            return 2
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(RegistrationNode, NODE_NAME, args)
 
 
 if __name__ == '__main__':
