@@ -51,7 +51,7 @@ def test_demo_registers_the_simulated_sweep_and_reports_latency(demo_args: list[
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert 'PASSED' in output
-    assert 'latency from the last cloud of the sweep to the transform on tf' in output
+    assert 'to the transform on tf: ' in output  # the latency is always reported
     assert 'error against the truth' in output
 
 
