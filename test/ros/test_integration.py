@@ -35,9 +35,8 @@ from neural_bone_reg.core import sim
 from neural_bone_reg.core.se3 import apply_transform
 from neural_bone_reg.ros.bag import play_bag, write_sweep_bag
 from neural_bone_reg.ros.conversions import transform_stamped_to_matrix, xyz_to_cloud
-from neural_bone_reg.ros.diagnostics import DIAGNOSTICS_QOS
 from neural_bone_reg.ros.model_info import decode_model_info
-from neural_bone_reg.ros.preop_loader import LATCHED_QOS
+from neural_bone_reg.ros.qos import DIAGNOSTICS_QOS, LATCHED_QOS
 from neural_bone_reg.ros.tf_compat import DYNAMIC_LISTENER_QOS, TfWaiter
 from ros_test_support import (Collector, CONFIG_DIR, find_executable, find_status,
                               flat_parameters, matched_publisher, MESSAGE_TIMEOUT_S,

@@ -34,9 +34,9 @@ from neural_bone_reg.core.config import RegistrationConfig, TrainConfig, UdfConf
 from neural_bone_reg.core.se3 import apply_transform, invert_transform
 from neural_bone_reg.ros.conversions import (cloud_to_xyz, transform_stamped_to_matrix,
                                              xyz_to_cloud)
-from neural_bone_reg.ros.diagnostics import DIAGNOSTICS_QOS
 from neural_bone_reg.ros.model_info import decode_model_info
-from neural_bone_reg.ros.preop_loader import LATCHED_QOS, PreopLoader
+from neural_bone_reg.ros.preop_loader import PreopLoader
+from neural_bone_reg.ros.qos import DIAGNOSTICS_QOS, LATCHED_QOS
 from neural_bone_reg.ros.registration_node import RegistrationNode
 from neural_bone_reg.ros.sweep_buffer import SweepBuffer, voxel_downsample
 from neural_bone_reg.ros.tf_compat import TfWaiter

@@ -206,18 +206,14 @@ class _Watcher:
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import (DurabilityPolicy, HistoryPolicy, qos_profile_sensor_data,
-                               QoSProfile, ReliabilityPolicy)
+        from rclpy.qos import qos_profile_sensor_data
         from sensor_msgs.msg import PointCloud2
         from std_msgs.msg import String
         from tf2_msgs.msg import TFMessage
 
-        from neural_bone_reg.ros.diagnostics import DIAGNOSTICS_QOS
+        from neural_bone_reg.ros.qos import DIAGNOSTICS_QOS, LATCHED_QOS
         from neural_bone_reg.ros.tf_compat import DYNAMIC_LISTENER_QOS
 
-        latched = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                             reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self.robot_frame = robot_frame
         self.cond = threading.Condition()
         self.model: Optional[str] = None
@@ -227,7 +223,7 @@ class _Watcher:
         self.heartbeats: list[tuple[float, dict[str, str]]] = []
         self.results: dict[str, Any] = {}
         self.node = rclpy.create_node('neural_bone_reg_demo')
-        self.node.create_subscription(String, 'model', self.on_model, latched)
+        self.node.create_subscription(String, 'model', self.on_model, LATCHED_QOS)
         self.node.create_subscription(TFMessage, '/tf', self.on_tf, DYNAMIC_LISTENER_QOS)
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self.on_diagnostics,
                                       DIAGNOSTICS_QOS)

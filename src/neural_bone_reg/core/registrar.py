@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import functools
 import logging
 from pathlib import Path
@@ -117,7 +117,7 @@ class BoneRegistrar:
         configs = configs or Configs(registration=registration_preset(preset))
         if overrides:
             configs = Configs(configs.udf, configs.train,
-                              RegistrationConfig(**{**_fields(configs.registration), **overrides}))
+                              replace(configs.registration, **overrides))
         dev = resolve_device(device)
         model = train_or_load(path, cache_dir or default_cache_dir(), configs.udf, configs.train,
                               device=dev, progress=progress)
@@ -331,7 +331,3 @@ class BoneRegistrar:
             if len(chosen) == limit:
                 break
         return chosen
-
-
-def _fields(config: RegistrationConfig) -> dict[str, Any]:
-    return {k: getattr(config, k) for k in config.__dataclass_fields__}

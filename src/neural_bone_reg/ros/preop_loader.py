@@ -27,7 +27,6 @@ from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.time import Time
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import String
@@ -35,19 +34,15 @@ from std_msgs.msg import String
 from neural_bone_reg.core.errors import CheckpointError, InputError
 from neural_bone_reg.ros import params as ros_params
 from neural_bone_reg.ros.conversions import xyz_to_cloud
-from neural_bone_reg.ros.diagnostics import (diagnostic_array, DIAGNOSTICS_QOS,
-                                             DIAGNOSTICS_TOPIC, ERROR, OK, WARN)
+from neural_bone_reg.ros.diagnostics import diagnostic_array, DIAGNOSTICS_TOPIC, ERROR, OK, WARN
 from neural_bone_reg.ros.model_info import encode_model_info, ModelInfo
 from neural_bone_reg.ros.node_main import run_node
+from neural_bone_reg.ros.qos import DIAGNOSTICS_QOS, LATCHED_QOS
 
 NODE_NAME = 'preop_loader'
 PHANTOM = 'phantom'
 DEVICES = ('auto', 'cpu', 'cuda')
 CONFIG_SECTIONS = ('udf', 'train')
-#: Latched, reliable, depth 1: late joiners get the model once it exists.
-LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                         reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
 #: Training progress is logged and published at most once per this many seconds.
 PROGRESS_PERIOD_S = 2.0
 #: Period of the /diagnostics heartbeat that repeats the model status for late joiners, s.

@@ -28,8 +28,7 @@ import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import (DurabilityPolicy, HistoryPolicy, qos_profile_sensor_data, QoSProfile,
-                       ReliabilityPolicy)
+from rclpy.qos import qos_profile_sensor_data
 from rclpy.time import Time
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import String
@@ -41,10 +40,10 @@ from neural_bone_reg.core.se3 import apply_transform, invert_transform
 from neural_bone_reg.ros import params as ros_params
 from neural_bone_reg.ros.conversions import (cloud_to_xyz, matrix_to_transform_stamped,
                                              xyz_to_cloud)
-from neural_bone_reg.ros.diagnostics import (diagnostic_array, DIAGNOSTICS_QOS,
-                                             DIAGNOSTICS_TOPIC, ERROR, OK, WARN)
+from neural_bone_reg.ros.diagnostics import diagnostic_array, DIAGNOSTICS_TOPIC, ERROR, OK, WARN
 from neural_bone_reg.ros.model_info import decode_model_info
 from neural_bone_reg.ros.node_main import run_node
+from neural_bone_reg.ros.qos import DIAGNOSTICS_QOS, LATCHED_QOS
 from neural_bone_reg.ros.sweep_buffer import SweepBuffer
 from neural_bone_reg.ros.tf_compat import make_tf_broadcaster, send_transforms
 
@@ -52,10 +51,6 @@ NODE_NAME = 'registration_node'
 MODES = ('sweep', 'single')
 DEVICES = ('auto', 'cpu', 'cuda')
 CONFIG_SECTIONS = ('udf', 'train', 'registration')
-#: Latched, reliable, depth 1: the model announcement and the last registered cloud.
-LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                         reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
 #: Per-frame log messages are throttled to one per this many seconds.
 LOG_THROTTLE_S = 2.0
 #: Seconds the worker is given to finish when the node is destroyed.
