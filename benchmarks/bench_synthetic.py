@@ -53,30 +53,37 @@ def main() -> int:
     rows = []
     for path in meshes:
         tick = time.perf_counter()
-        reg = BoneRegistrar.from_mesh(path, device=args.device, cache_dir=args.cache_dir, configs=configs)
+        reg = BoneRegistrar.from_mesh(path, device=args.device, cache_dir=args.cache_dir,
+                                      configs=configs)
         load_s = time.perf_counter() - tick
         mesh = load_mesh(path)
-        reg.register(sim.simulate_partial_cloud(mesh, np.random.default_rng(10 ** 6), n_points=500))
+        reg.register(sim.simulate_partial_cloud(mesh, np.random.default_rng(10 ** 6),
+                                                n_points=500))
         for trial in range(args.trials):
             rng = np.random.default_rng([args.seed, trial])
             cloud = sim.simulate_partial_cloud(mesh, rng, coverage=rng.uniform(*COVERAGE_RANGE),
-                                               noise_mm=args.noise_mm, outlier_fraction=args.outliers,
+                                               noise_mm=args.noise_mm,
+                                               outlier_fraction=args.outliers,
                                                n_points=args.points)
             pose = sim.random_pose(rng, 100.0)
             moved = apply_transform(pose, cloud)
             res = reg.register(moved)
             truth = invert_transform(pose)
-            rre, rte = metrics.rre_deg(res.transform, truth), metrics.rte_mm(res.transform, truth, moved)
+            rre = metrics.rre_deg(res.transform, truth)
+            rte = metrics.rte_mm(res.transform, truth, moved)
             rows.append({'case': path.stem, 'trial': trial, 'rre_deg': rre, 'rte_mm': rte,
                          'success': metrics.is_success(rre, rte), 'accepted': res.accepted,
                          'residual_mm': res.residual_mm, 'inlier_fraction': res.inlier_fraction,
                          'ambiguity': res.ambiguity, 'time_s': res.time_s,
                          'udf_load_or_train_s': load_s, 'udf_accuracy': reg.model.accuracy})
             r = rows[-1]
-            print(f"{path.stem} #{trial}: RRE {rre:7.2f} RTE {rte:7.2f} {'ok ' if r['success'] else 'BAD'} "
-                  f"{'accepted' if r['accepted'] else 'rejected'} amb {res.ambiguity:.2f} "
-                  f"res {res.residual_mm:.2f} {res.time_s:.2f} s", flush=True)
-    print(f"\n{'case':<24}{'recall':>8}{'RRE':>7}{'RTE':>7}{'t med':>7}{'acc':>5}{'acc wrong':>10}{'rej ok':>8}")
+            verdict = 'ok ' if r['success'] else 'BAD'
+            decision = 'accepted' if r['accepted'] else 'rejected'
+            print(f'{path.stem} #{trial}: RRE {rre:7.2f} RTE {rte:7.2f} {verdict} '
+                  f'{decision} amb {res.ambiguity:.2f} '
+                  f'res {res.residual_mm:.2f} {res.time_s:.2f} s', flush=True)
+    print('\n{:<24}{:>8}{:>7}{:>7}{:>7}{:>5}{:>10}{:>8}'.format(
+        'case', 'recall', 'RRE', 'RTE', 't med', 'acc', 'acc wrong', 'rej ok'))
     for case in [*sorted({r['case'] for r in rows}), 'overall']:
         sub = [r for r in rows if case in ('overall', r['case'])]
         ok = [r for r in sub if r['success']]
@@ -87,11 +94,12 @@ def main() -> int:
               f"{sum(r['success'] and not r['accepted'] for r in sub):>8}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        cuda_device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         args.json.write_text(json.dumps({
             'rows': rows, 'args': {k: str(v) for k, v in vars(args).items()},
             'machine': {'torch': torch.__version__, 'threads': torch.get_num_threads(),
                         'cpu': platform.processor() or platform.machine(),
-                        'cuda': torch.cuda.get_device_name() if torch.cuda.is_available() else None}},
+                        'cuda': cuda_device}},
             indent=2, default=str))
     return 0
 

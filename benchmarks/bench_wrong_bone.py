@@ -33,7 +33,8 @@ def main() -> int:
     parser.add_argument('--json', type=Path)
     args = parser.parse_args()
 
-    cases = sorted(p.stem for p in args.data.glob('*.stl') if (args.data / f'{p.stem}.xyz').is_file())
+    cases = sorted(p.stem for p in args.data.glob('*.stl')
+                   if (args.data / f'{p.stem}.xyz').is_file())
     clouds = {case: load_cloud(args.data / f'{case}.xyz') for case in cases}
     rows = []
     for bone in cases:
@@ -52,7 +53,8 @@ def main() -> int:
                 else:
                     rows.append({'bone': bone, 'cloud': source, 'trial': trial,
                                  'accepted': res.accepted, 'residual_mm': res.residual_mm,
-                                 'inlier_fraction': res.inlier_fraction, 'ambiguity': res.ambiguity,
+                                 'inlier_fraction': res.inlier_fraction,
+                                 'ambiguity': res.ambiguity,
                                  'reason': '; '.join(res.rejection_reasons)})
                 r = rows[-1]
                 print(f"{source} -> {bone} #{trial}: {'ACCEPTED' if r['accepted'] else 'rejected'}"

@@ -11,7 +11,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 NO_SHARED_REASON = f'shared data not found at {SHARED_DATA} (expected ../shared beside the repo)'
 
 #: A UDF that trains in seconds on the CPU and still registers the phantom.
-SMALL_TRAIN = dict(iterations=400, num_samples=40_000, grid_voxel_mm=2.0, num_surface_points=10_000)
+SMALL_TRAIN = dict(iterations=400, num_samples=40_000, grid_voxel_mm=2.0,
+                   num_surface_points=10_000)
 SMALL_UDF = dict(hidden_dim=64)
 
 

@@ -43,11 +43,13 @@ def test_bench_writes_summary_and_plot(tmp_path, phantom_path, phantom_mesh, cac
     data = tmp_path / 'data'
     data.mkdir()
     (data / 'phantom.stl').write_bytes(phantom_path.read_bytes())
-    np.savetxt(data / 'phantom.xyz', sim.simulate_partial_cloud(phantom_mesh, np.random.default_rng(4)))
+    cloud = sim.simulate_partial_cloud(phantom_mesh, np.random.default_rng(4))
+    np.savetxt(data / 'phantom.xyz', cloud)
     out_json, out_png = tmp_path / 'bench.json', tmp_path / 'bench.png'
-    code = main(['bench', '--data', str(data), '--trials', '2', '--seed', '3', '--json', str(out_json),
-                 '--plot', str(out_png), '--cache-dir', str(cache_dir), '--config',
-                 str(small_config_yaml), '--preset', 'fast', '--device', 'cpu', '--noise-mm', '0.5'])
+    code = main(['bench', '--data', str(data), '--trials', '2', '--seed', '3',
+                 '--json', str(out_json), '--plot', str(out_png), '--cache-dir', str(cache_dir),
+                 '--config', str(small_config_yaml), '--preset', 'fast', '--device', 'cpu',
+                 '--noise-mm', '0.5'])
     assert code == 0
     record = json.loads(out_json.read_text())
     summary = record['summary']

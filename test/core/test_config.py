@@ -2,8 +2,8 @@
 
 import pytest
 
-from neural_bone_reg.core.config import (configs_from_dict, load_yaml_configs, RegistrationConfig,
-                                         registration_preset, TrainConfig, UdfConfig)
+from neural_bone_reg.core.config import (configs_from_dict, load_yaml_configs, registration_preset,
+                                         RegistrationConfig, TrainConfig, UdfConfig)
 
 
 @pytest.mark.parametrize('cls, field, value', [
@@ -30,7 +30,8 @@ def test_cross_field_checks():
 
 def test_paper_preset_matches_publication():
     paper = registration_preset('paper')
-    assert (paper.num_hypotheses, paper.coarse_iterations, paper.learning_rate) == (5000, 1000, 1e-3)
+    assert ((paper.num_hypotheses, paper.coarse_iterations, paper.learning_rate)
+            == (5000, 1000, 1e-3))
     assert (paper.coarse_points, paper.fine_points, paper.fine_top_k) == (512, 3000, 64)
     assert paper.refine is False and paper.coarse_prune_every == 0
     with pytest.raises(ValueError, match='unknown preset'):

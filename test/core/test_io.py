@@ -23,7 +23,8 @@ def test_cloud_formats_roundtrip(tmp_path, patch, suffix):
         trimesh.PointCloud(patch).export(path)
     elif suffix == '.pcd':
         header = ('# .PCD v0.7\nVERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\n'
-                  f'WIDTH {len(patch)}\nHEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\nPOINTS {len(patch)}\nDATA ascii\n')
+                  f'WIDTH {len(patch)}\nHEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\n'
+                  f'POINTS {len(patch)}\nDATA ascii\n')
         path.write_text(header + '\n'.join(' '.join(f'{v:.6f}' for v in p) for p in patch))
     else:
         np.savetxt(path, patch)

@@ -20,7 +20,8 @@ def test_initial_hypotheses_are_exactly_the_fps_rotations():
     rotation, translation = hyps()
     torch.testing.assert_close(rotation, rot0)
     # The cloud's centroid lands on the requested point.
-    torch.testing.assert_close(rotation @ centroid + translation, torch.zeros(64, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotation @ centroid + translation, torch.zeros(64, 3),
+                               atol=1e-5, rtol=0)
 
 
 def test_fps_spread_survives_the_first_optimisation_steps():
@@ -35,7 +36,8 @@ def test_fps_spread_survives_the_first_optimisation_steps():
                      tolerance=0.0, track_top=8)
     moved = geodesic_deg(stage.rotation.double().numpy(), rot0.double().numpy())
     assert moved.max() < 10.0  # each head stays near its own FPS start ...
-    pair = geodesic_deg(stage.rotation.double().numpy()[:, None], stage.rotation.double().numpy()[None])
+    rotations = stage.rotation.double().numpy()
+    pair = geodesic_deg(rotations[:, None], rotations[None])
     np.fill_diagonal(pair, 180.0)
     assert pair.min() > 10.0  # ... so the set is still spread over SO(3), not collapsed
 

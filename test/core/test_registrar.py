@@ -25,7 +25,8 @@ def test_recovers_known_transform_on_phantom(phantom_registrar, phantom_mesh, se
     assert res.accepted, res.rejection_reasons
     assert res.residual_mm < 2.0 and res.inlier_fraction > 0.8
     assert res.transform.shape == (4, 4)
-    assert set(res.summary()) >= {'transform', 'accepted', 'residual_mm', 'inlier_fraction', 'ambiguity'}
+    assert set(res.summary()) >= {'transform', 'accepted', 'residual_mm', 'inlier_fraction',
+                                  'ambiguity'}
 
 
 def test_cloud_of_another_bone_is_not_accepted(phantom_registrar):
@@ -76,7 +77,8 @@ def test_unavailable_cuda_is_a_clear_error(phantom_path, cache_dir, small_config
     if torch.cuda.is_available():
         pytest.skip('CUDA is present here')
     with pytest.raises(ValueError, match='CUDA is not available'):
-        BoneRegistrar.from_mesh(phantom_path, device='cuda', cache_dir=cache_dir, configs=small_configs)
+        BoneRegistrar.from_mesh(phantom_path, device='cuda', cache_dir=cache_dir,
+                                configs=small_configs)
 
 
 @pytest.mark.parametrize('device', ['cpu', 'cuda'])

@@ -38,8 +38,8 @@ def test_fps_rotations_cover_so3_better_than_random():
     fps = fps_rotations(count, seed=0)
     assert fps.shape == (count, 3, 3)
     np.testing.assert_allclose(fps[0], np.eye(3), atol=1e-12)  # the identity is always tried
-    np.testing.assert_allclose(np.einsum('nij,nkj->nik', fps, fps), np.broadcast_to(np.eye(3), fps.shape),
-                               atol=1e-9)
+    np.testing.assert_allclose(np.einsum('nij,nkj->nik', fps, fps),
+                               np.broadcast_to(np.eye(3), fps.shape), atol=1e-9)
     probes = random_rotations(5000, np.random.default_rng(9))
     fps_radius = _covering_radius_deg(fps, probes)
     random_radius = _covering_radius_deg(random_rotations(count, np.random.default_rng(3)), probes)

@@ -17,9 +17,12 @@ WARMUP_TRIAL = 2 ** 31 - 1
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--config', help='YAML with udf/train/registration sections (or a ROS '
                                          'params file of this package)')
-    parser.add_argument('--preset', default='default', help='registration preset: default, paper, fast')
-    parser.add_argument('--device', default='auto', help="'auto' (CUDA if present), 'cpu' or 'cuda'")
-    parser.add_argument('--cache-dir', help='UDF checkpoint cache (default ~/.cache/neural_bone_reg)')
+    parser.add_argument('--preset', default='default',
+                        help='registration preset: default, paper, fast')
+    parser.add_argument('--device', default='auto',
+                        help="'auto' (CUDA if present), 'cpu' or 'cuda'")
+    parser.add_argument('--cache-dir',
+                        help='UDF checkpoint cache (default ~/.cache/neural_bone_reg)')
     parser.add_argument('--backend', choices=('grid', 'neural'),
                         help='distance backend of the search (default: from the config)')
     parser.add_argument('--seed', type=int, help='registration seed (default: from the config)')
@@ -60,7 +63,8 @@ def _configs(args: argparse.Namespace):
 
     configs = (load_yaml_configs(args.config, args.preset) if args.config
                else configs_from_dict({}, args.preset))
-    overrides = {k: v for k, v in (('backend', args.backend), ('seed', args.seed)) if v is not None}
+    cli_values = (('backend', args.backend), ('seed', args.seed))
+    overrides = {k: v for k, v in cli_values if v is not None}
     if overrides:
         from dataclasses import replace
         configs = Configs(configs.udf, configs.train, replace(configs.registration, **overrides))
@@ -81,8 +85,11 @@ def run_train(args: argparse.Namespace) -> int:
     print(f'checkpoint: {reg.checkpoint_path}')
     print(f'geometry sha256: {reg.geometry_sha256}')
     print(f'training time: {reg.model.train_time_s:.1f} s')
-    print(f"UDF MAE within {acc.get('band_mm', 10):g} mm of the surface: neural "
-          f"{acc.get('neural_mae_mm', float('nan')):.3f} mm, grid {acc.get('grid_mae_mm', float('nan')):.3f} mm")
+    band_mm = acc.get('band_mm', 10)
+    neural_mae_mm = acc.get('neural_mae_mm', float('nan'))
+    grid_mae_mm = acc.get('grid_mae_mm', float('nan'))
+    print(f'UDF MAE within {band_mm:g} mm of the surface: neural {neural_mae_mm:.3f} mm, '
+          f'grid {grid_mae_mm:.3f} mm')
     return 0
 
 
@@ -169,10 +176,12 @@ def run_bench(args: argparse.Namespace) -> int:
                 'rejection_reasons': list(res.rejection_reasons),
             })
             r = rows[-1]
-            print(f"{case} #{trial}: RRE {rre:6.2f} deg  RTE {rte:6.2f} mm  "
-                  f"{'ok ' if r['success'] else 'BAD'} {'accepted' if res.accepted else 'rejected'}"
-                  f"  res {res.residual_mm:.2f}  inl {res.inlier_fraction:.2f}  amb {res.ambiguity:.2f}"
-                  f"  {res.time_s:.2f} s", flush=True)
+            verdict = 'ok ' if r['success'] else 'BAD'
+            decision = 'accepted' if res.accepted else 'rejected'
+            print(f'{case} #{trial}: RRE {rre:6.2f} deg  RTE {rte:6.2f} mm  '
+                  f'{verdict} {decision}'
+                  f'  res {res.residual_mm:.2f}  inl {res.inlier_fraction:.2f}'
+                  f'  amb {res.ambiguity:.2f}  {res.time_s:.2f} s', flush=True)
 
     def summarise(subset: list[dict[str, Any]]) -> dict[str, Any]:
         ok = [r for r in subset if r['success']]
@@ -206,7 +215,8 @@ def run_bench(args: argparse.Namespace) -> int:
                      'max_translation_mm': BENCH_MAX_TRANSLATION_MM, 'preset': args.preset},
         'config': {k: v for k, v in vars(configs.registration).items()},
         'machine': {'device': str(_registrar_device(args)), 'torch': torch.__version__,
-                    'threads': torch.get_num_threads(), 'cpu': platform.processor() or platform.machine(),
+                    'threads': torch.get_num_threads(),
+                    'cpu': platform.processor() or platform.machine(),
                     'python': platform.python_version()},
     }
     if args.json:
@@ -240,10 +250,13 @@ def plot_bench(rows: list[dict[str, Any]], path: str, title: str) -> None:
         colour = f'C{i}'
         for accepted, marker in ((True, 'o'), (False, 'x')):
             pick = [r for r in sub if r['accepted'] == accepted]
-            ax_err.scatter([max(r['rre_deg'], 1e-2) for r in pick], [max(r['rte_mm'], 1e-2) for r in pick],
+            decision = 'accepted' if accepted else 'rejected'
+            ax_err.scatter([max(r['rre_deg'], 1e-2) for r in pick],
+                           [max(r['rte_mm'], 1e-2) for r in pick],
                            c=colour, marker=marker,
-                           label=f"{case} ({'accepted' if accepted else 'rejected'})" if pick else None)
-        ax_time.bar([f'{case}\n#{r["trial"]}' for r in sub], [r['time_s'] for r in sub], color=colour)
+                           label=f'{case} ({decision})' if pick else None)
+        ax_time.bar([f'{case}\n#{r["trial"]}' for r in sub], [r['time_s'] for r in sub],
+                    color=colour)
     ax_err.axvline(RECALL_RRE_DEG, color='k', ls='--', lw=0.8)
     ax_err.axhline(RECALL_RTE_MM, color='k', ls='--', lw=0.8)
     ax_err.set(xscale='log', yscale='log', xlabel='RRE (deg)', ylabel='RTE (mm)',

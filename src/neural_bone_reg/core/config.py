@@ -34,7 +34,8 @@ class UdfConfig:
     """Fourier-feature octaves of the normalised input; 0 feeds raw xyz as the paper does."""
 
     def __post_init__(self) -> None:
-        _check(8 <= self.hidden_dim <= 1024, f'udf.hidden_dim must be in [8, 1024], got {self.hidden_dim}')
+        _check(8 <= self.hidden_dim <= 1024,
+               f'udf.hidden_dim must be in [8, 1024], got {self.hidden_dim}')
         _check(1 <= self.num_hidden_layers <= 8,
                f'udf.num_hidden_layers must be in [1, 8], got {self.num_hidden_layers}')
         _check(0 <= self.num_frequencies <= 12,
@@ -67,16 +68,21 @@ class TrainConfig:
     """Seed of sampling and initialisation."""
 
     def __post_init__(self) -> None:
-        _check(1 <= self.iterations <= 1_000_000, f'train.iterations must be in [1, 1e6], got {self.iterations}')
-        _check(64 <= self.batch_size <= 1_000_000, f'train.batch_size must be in [64, 1e6], got {self.batch_size}')
-        _check(0.0 < self.learning_rate <= 1.0, f'train.learning_rate must be in (0, 1], got {self.learning_rate}')
+        _check(1 <= self.iterations <= 1_000_000,
+               f'train.iterations must be in [1, 1e6], got {self.iterations}')
+        _check(64 <= self.batch_size <= 1_000_000,
+               f'train.batch_size must be in [64, 1e6], got {self.batch_size}')
+        _check(0.0 < self.learning_rate <= 1.0,
+               f'train.learning_rate must be in (0, 1], got {self.learning_rate}')
         _check(1_000 <= self.num_samples <= 10_000_000,
                f'train.num_samples must be in [1e3, 1e7], got {self.num_samples}')
-        _check(len(self.near_surface_sigma_mm) > 0 and all(s > 0 for s in self.near_surface_sigma_mm),
-               f'train.near_surface_sigma_mm must be positive mm values, got {self.near_surface_sigma_mm}')
+        sigmas = self.near_surface_sigma_mm
+        _check(len(sigmas) > 0 and all(s > 0 for s in sigmas),
+               f'train.near_surface_sigma_mm must be positive mm values, got {sigmas}')
         _check(0.0 <= self.uniform_fraction < 1.0,
                f'train.uniform_fraction must be in [0, 1), got {self.uniform_fraction}')
-        _check(0.0 < self.margin_mm <= 500.0, f'train.margin_mm must be in (0, 500], got {self.margin_mm}')
+        _check(0.0 < self.margin_mm <= 500.0,
+               f'train.margin_mm must be in (0, 500], got {self.margin_mm}')
         _check(0.25 <= self.grid_voxel_mm <= 10.0,
                f'train.grid_voxel_mm must be in [0.25, 10] mm, got {self.grid_voxel_mm}')
         _check(1_000 <= self.num_surface_points <= 1_000_000,
@@ -153,7 +159,8 @@ class RegistrationConfig:
                f'registration.backend must be one of {DISTANCE_BACKENDS}, got {self.backend!r}')
         _check(1 <= self.num_hypotheses <= 100_000,
                f'registration.num_hypotheses must be in [1, 1e5], got {self.num_hypotheses}')
-        _check(1 <= self.latent_dim <= 512, f'registration.latent_dim must be in [1, 512], got {self.latent_dim}')
+        _check(1 <= self.latent_dim <= 512,
+               f'registration.latent_dim must be in [1, 512], got {self.latent_dim}')
         _check(1 <= self.backbone_dim <= 1024,
                f'registration.backbone_dim must be in [1, 1024], got {self.backbone_dim}')
         _check(8 <= self.coarse_points <= 100_000,
@@ -161,7 +168,8 @@ class RegistrationConfig:
         _check(0 <= self.coarse_iterations <= 100_000,
                f'registration.coarse_iterations must be in [0, 1e5], got {self.coarse_iterations}')
         _check(0 <= self.coarse_prune_every <= 100_000,
-               f'registration.coarse_prune_every must be in [0, 1e5], got {self.coarse_prune_every}')
+               'registration.coarse_prune_every must be in [0, 1e5], '
+               f'got {self.coarse_prune_every}')
         _check(0.0 < self.coarse_prune_keep < 1.0,
                f'registration.coarse_prune_keep must be in (0, 1), got {self.coarse_prune_keep}')
         _check(1 <= self.fine_top_k <= self.num_hypotheses,
@@ -174,34 +182,45 @@ class RegistrationConfig:
         _check(0.0 < self.learning_rate <= 1.0,
                f'registration.learning_rate must be in (0, 1], got {self.learning_rate}')
         _check(0.0 < self.translation_scale_mm <= 1000.0,
-               f'registration.translation_scale_mm must be in (0, 1000], got {self.translation_scale_mm}')
+               'registration.translation_scale_mm must be in (0, 1000], '
+               f'got {self.translation_scale_mm}')
         _check(0.0 < self.robust_scale_mm <= 100.0,
                f'registration.robust_scale_mm must be in (0, 100] mm, got {self.robust_scale_mm}')
         _check(1 <= self.final_candidates <= self.fine_top_k,
                f'registration.final_candidates must be in [1, fine_top_k={self.fine_top_k}], '
                f'got {self.final_candidates}')
         _check(0.0 < self.distinct_rotation_deg <= 180.0,
-               f'registration.distinct_rotation_deg must be in (0, 180], got {self.distinct_rotation_deg}')
+               'registration.distinct_rotation_deg must be in (0, 180], '
+               f'got {self.distinct_rotation_deg}')
         _check(0.0 < self.distinct_translation_mm <= 1000.0,
-               f'registration.distinct_translation_mm must be in (0, 1000], got {self.distinct_translation_mm}')
+               'registration.distinct_translation_mm must be in (0, 1000], '
+               f'got {self.distinct_translation_mm}')
         _check(0 <= self.refine_iterations <= 1000,
-               f'registration.refine_iterations must be in [0, 1000], got {self.refine_iterations}')
+               'registration.refine_iterations must be in [0, 1000], '
+               f'got {self.refine_iterations}')
         _check(0.0 < self.refine_tolerance_mm <= 10.0,
-               f'registration.refine_tolerance_mm must be in (0, 10], got {self.refine_tolerance_mm}')
+               'registration.refine_tolerance_mm must be in (0, 10], '
+               f'got {self.refine_tolerance_mm}')
         _check(0.0 < self.inlier_threshold_mm <= 100.0,
-               f'registration.inlier_threshold_mm must be in (0, 100], got {self.inlier_threshold_mm}')
+               'registration.inlier_threshold_mm must be in (0, 100], '
+               f'got {self.inlier_threshold_mm}')
         _check(3 <= self.min_points <= self.max_points,
-               f'registration.min_points must be in [3, max_points={self.max_points}], got {self.min_points}')
+               f'registration.min_points must be in [3, max_points={self.max_points}], '
+               f'got {self.min_points}')
         _check(self.max_points <= 10_000_000,
                f'registration.max_points must be at most 1e7, got {self.max_points}')
         _check(0.0 <= self.early_stop_tolerance < 1.0,
-               f'registration.early_stop_tolerance must be in [0, 1), got {self.early_stop_tolerance}')
+               'registration.early_stop_tolerance must be in [0, 1), '
+               f'got {self.early_stop_tolerance}')
         _check(0.0 < self.gate_max_residual_mm <= 100.0,
-               f'registration.gate_max_residual_mm must be in (0, 100], got {self.gate_max_residual_mm}')
+               'registration.gate_max_residual_mm must be in (0, 100], '
+               f'got {self.gate_max_residual_mm}')
         _check(0.0 <= self.gate_min_inlier_fraction <= 1.0,
-               f'registration.gate_min_inlier_fraction must be in [0, 1], got {self.gate_min_inlier_fraction}')
+               'registration.gate_min_inlier_fraction must be in [0, 1], '
+               f'got {self.gate_min_inlier_fraction}')
         _check(0.0 < self.gate_max_ambiguity <= 1.0,
-               f'registration.gate_max_ambiguity must be in (0, 1], got {self.gate_max_ambiguity}')
+               'registration.gate_max_ambiguity must be in (0, 1], '
+               f'got {self.gate_max_ambiguity}')
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -229,7 +248,8 @@ def _build(cls: type, values: Mapping[str, Any], section: str) -> Any:
     names = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(f'unknown {section} parameter(s) {unknown}; expected some of {sorted(names)}')
+        raise ValueError(
+            f'unknown {section} parameter(s) {unknown}; expected some of {sorted(names)}')
     coerced = {}
     for key, value in values.items():
         default = getattr(cls(), key)
@@ -301,4 +321,5 @@ def load_yaml_configs(path: str | Path, preset: str = 'default') -> Configs:
 
 def as_dict(config: Any) -> dict[str, Any]:
     """Return a dataclass config as a plain dict (tuples as lists), for YAML and checkpoints."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    values = dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}

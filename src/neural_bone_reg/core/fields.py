@@ -54,7 +54,7 @@ class GridField:
 
     def lookup(self, points: torch.Tensor,
                with_gradient: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return the distances (...,) and, if asked, their gradient (..., 3) at points (..., 3)."""
+        """Return distances (...,) and, if asked, their gradient (..., 3) at points (..., 3)."""
         points = points.detach()
         fractions, offsets, outside, clamped_axes = [], None, None, []
         for axis in range(3):

@@ -33,13 +33,16 @@ def load_mesh(path: str | Path) -> trimesh.Trimesh:
     """Load a bone surface mesh (STL, PLY or OBJ, in mm) and check it is usable."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f'mesh file {path} does not exist; expected an STL, PLY or OBJ bone surface')
+        raise InputError(
+            f'mesh file {path} does not exist; expected an STL, PLY or OBJ bone surface')
     if path.suffix.lower() not in MESH_SUFFIXES:
-        raise InputError(f'mesh file {path} has suffix {path.suffix!r}; expected one of {MESH_SUFFIXES}')
+        raise InputError(
+            f'mesh file {path} has suffix {path.suffix!r}; expected one of {MESH_SUFFIXES}')
     try:
         mesh = trimesh.load(path, force='mesh', process=True)
     except Exception as exc:  # trimesh raises many types for corrupt files
-        raise InputError(f'cannot read mesh {path}: {exc}; expected a valid {path.suffix} surface') from exc
+        raise InputError(
+            f'cannot read mesh {path}: {exc}; expected a valid {path.suffix} surface') from exc
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
         raise InputError(f'mesh {path} has no triangles; expected a closed bone surface')
     check_mesh(mesh, str(path))
@@ -114,7 +117,8 @@ def _read_pcd(path: Path) -> np.ndarray:
                           else (n, _PCD_TYPES[(t, int(s))])
                           for n, s, t, c in zip(names, sizes, types, counts)])
     except KeyError as exc:
-        raise InputError(f'PCD {path} has an unsupported field type {exc}; expected F/I/U') from exc
+        raise InputError(
+            f'PCD {path} has an unsupported field type {exc}; expected F/I/U') from exc
     n_points = int(header.get('POINTS', ['0'])[0])
     mode = header['DATA'][0].lower()
     if mode == 'ascii':
@@ -124,7 +128,8 @@ def _read_pcd(path: Path) -> np.ndarray:
     if mode == 'binary':
         data = np.frombuffer(raw, dtype=dtype, count=n_points, offset=offset)
         return np.stack([data[a].astype(np.float64) for a in 'xyz'], axis=1)
-    raise InputError(f'PCD {path} uses DATA {mode}; expected ascii or binary (decompress it first)')
+    raise InputError(
+        f'PCD {path} uses DATA {mode}; expected ascii or binary (decompress it first)')
 
 
 def check_points(points: np.ndarray, name: str = 'cloud', min_points: int = 3,
@@ -143,7 +148,8 @@ def check_points(points: np.ndarray, name: str = 'cloud', min_points: int = 3,
     finite = np.isfinite(points).all(axis=1)
     if not finite.all():
         if not drop_nonfinite:
-            raise InputError(f'{name} has {int((~finite).sum())} non-finite points; expected finite mm')
+            raise InputError(
+                f'{name} has {int((~finite).sum())} non-finite points; expected finite mm')
         points = points[finite]
     if len(points) == 0:
         raise InputError(f'{name} is empty (or all NaN); expected at least {min_points} points')
@@ -154,6 +160,7 @@ def check_points(points: np.ndarray, name: str = 'cloud', min_points: int = 3,
                          f'within {MAX_ABS_COORDINATE_MM:g}')
     extent = float(np.linalg.norm(points.max(axis=0) - points.min(axis=0)))
     if extent < MIN_CLOUD_EXTENT_MM:
-        raise InputError(f'{name} spans only {extent:.3g} units; expected a bone patch in millimetres '
-                         f'(at least {MIN_CLOUD_EXTENT_MM} mm across). Is it in metres?')
+        raise InputError(f'{name} spans only {extent:.3g} units; expected a bone patch in '
+                         f'millimetres (at least {MIN_CLOUD_EXTENT_MM} mm across). '
+                         'Is it in metres?')
     return points

@@ -20,7 +20,8 @@ def rre_deg(t_est: np.ndarray, t_gt: np.ndarray) -> float:
 def rte_mm(t_est: np.ndarray, t_gt: np.ndarray, points: np.ndarray) -> float:
     """Return the distance between where T_est and T_gt send the cloud's centroid, in mm."""
     centroid = np.asarray(points, dtype=np.float64).mean(axis=0, keepdims=True)
-    return float(np.linalg.norm(apply_transform(t_est, centroid) - apply_transform(t_gt, centroid)))
+    difference = apply_transform(t_est, centroid) - apply_transform(t_gt, centroid)
+    return float(np.linalg.norm(difference))
 
 
 def is_success(rre: float, rte: float) -> bool:

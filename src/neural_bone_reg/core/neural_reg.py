@@ -31,13 +31,15 @@ class HypothesisSet(nn.Module):
     """H rigid hypotheses from a shared backbone and zero-initialised per-hypothesis heads."""
 
     def __init__(self, rotations: torch.Tensor, landing: torch.Tensor, centroid: torch.Tensor,
-                 latent_dim: int, backbone_dim: int, translation_scale_mm: float, seed: int) -> None:
+                 latent_dim: int, backbone_dim: int, translation_scale_mm: float,
+                 seed: int) -> None:
         """Start hypothesis h at rotation ``rotations[h]`` with the centroid at ``landing[h]``."""
         super().__init__()
         if rotations.ndim != 3 or rotations.shape[1:] != (3, 3):
             raise ValueError(f'rotations must be (H, 3, 3), got {tuple(rotations.shape)}')
         if landing.shape != (rotations.shape[0], 3):
-            raise ValueError(f'landing must be (H, 3) = ({rotations.shape[0]}, 3), got {tuple(landing.shape)}')
+            raise ValueError(f'landing must be (H, 3) = ({rotations.shape[0]}, 3), '
+                             f'got {tuple(landing.shape)}')
         count = rotations.shape[0]
         self.translation_scale_mm = translation_scale_mm
         self.register_buffer('rot0', rotations)
@@ -50,7 +52,8 @@ class HypothesisSet(nn.Module):
         for layer in (first, second):
             bound = 1.0 / layer.in_features ** 0.5
             with torch.no_grad():
-                layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) * 2 * bound - bound)
+                uniform = torch.rand(layer.weight.shape, generator=gen)
+                layer.weight.copy_(uniform * 2 * bound - bound)
                 layer.bias.zero_()
         self.backbone = nn.Sequential(first, nn.ReLU(), second, nn.Tanh()).to(rotations)
         self.head_weight = nn.Parameter(rotations.new_zeros(count, backbone_dim, 6))
@@ -64,7 +67,10 @@ class HypothesisSet(nn.Module):
                 + self.head_bias[pick])
 
     def forward(self, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return hypotheses R (A, 3, 3) and t (A, 3), ``p' = R p + t``; all when ``active`` is None."""
+        """Return hypotheses R (A, 3, 3) and t (A, 3), ``p' = R p + t``.
+
+        All hypotheses are returned when ``active`` is None.
+        """
         pick = slice(None) if active is None else active
         offset = self.offsets(active)
         rotation = so3_exp(offset[:, :3]) @ self.rot0[pick]

@@ -71,8 +71,9 @@ def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
     radius = float(np.linalg.norm(points - points.mean(axis=0), axis=1).mean()) or 1.0
     for iteration in range(1, max_iterations + 1):
         moved = points @ rotation.T + translation
-        dist, idx = surface.tree.query(moved, workers=1,
-                                       distance_upper_bound=ICP_REJECT_SCALES * robust_scale_mm + surface.spacing)
+        dist, idx = surface.tree.query(
+            moved, workers=1,
+            distance_upper_bound=ICP_REJECT_SCALES * robust_scale_mm + surface.spacing)
         valid = np.isfinite(dist)
         if valid.sum() < 6:
             return IcpResult(rotation, translation, iteration, False)

@@ -8,8 +8,8 @@ as ``p' = R p + t`` (column vectors). Batched rotations are ``(H, 3, 3)``, trans
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy.spatial.transform import Rotation
+import torch
 
 #: Below this rotation angle (rad) the exponential map uses its Taylor expansion.
 SMALL_ANGLE_RAD = 1e-6

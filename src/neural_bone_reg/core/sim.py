@@ -80,7 +80,8 @@ def _visible_patch(mesh: trimesh.Trimesh, rng: np.random.Generator, coverage: fl
     """Return dense surface samples on the side a probe sees, and the view direction."""
     points, faces = trimesh.sample.sample_surface_even(mesh, n_dense, seed=rng.integers(1 << 31))
     if len(points) < n_dense // 2:  # sample_surface_even may return fewer; top up uniformly
-        extra, extra_faces = trimesh.sample.sample_surface(mesh, n_dense, seed=rng.integers(1 << 31))
+        seed = rng.integers(1 << 31)
+        extra, extra_faces = trimesh.sample.sample_surface(mesh, n_dense, seed=seed)
         points, faces = np.vstack([points, extra]), np.concatenate([faces, extra_faces])
     normals = mesh.face_normals[faces]
     view = rng.normal(size=3)
@@ -107,12 +108,15 @@ def simulate_partial_cloud(mesh: trimesh.Trimesh, rng: np.random.Generator, cove
         raise ValueError(f'outlier_fraction must be in [0, 1), got {outlier_fraction}')
     patch, _ = _visible_patch(mesh, rng, coverage, n_dense=max(4 * n_points, 20_000))
     choice = rng.choice(len(patch), size=n_points, replace=len(patch) < n_points)
-    cloud = patch[choice] + rng.normal(scale=noise_mm, size=(n_points, 3)) if noise_mm > 0 else patch[choice]
+    cloud = patch[choice]
+    if noise_mm > 0:
+        cloud = cloud + rng.normal(scale=noise_mm, size=(n_points, 3))
     n_out = int(round(outlier_fraction * n_points))
     if n_out:
         idx = rng.choice(n_points, size=n_out, replace=False)
         offsets = rng.normal(size=(n_out, 3))
-        offsets *= (rng.uniform(5.0, outlier_range_mm, size=n_out) / np.linalg.norm(offsets, axis=1))[:, None]
+        lengths = rng.uniform(5.0, outlier_range_mm, size=n_out)
+        offsets *= (lengths / np.linalg.norm(offsets, axis=1))[:, None]
         cloud[idx] += offsets
     return cloud
 
@@ -126,8 +130,10 @@ def simulate_sweep(mesh: trimesh.Trimesh, rng: np.random.Generator, n_frames: in
     probe moved along the bone would see it; together the frames cover ``coverage`` of it.
     """
     if n_frames < 1 or points_per_frame < 1:
-        raise ValueError(f'need n_frames >= 1 and points_per_frame >= 1, got {n_frames}, {points_per_frame}')
-    patch, _ = _visible_patch(mesh, rng, coverage, n_dense=max(4 * n_frames * points_per_frame, 20_000))
+        raise ValueError('need n_frames >= 1 and points_per_frame >= 1, '
+                         f'got {n_frames}, {points_per_frame}')
+    n_dense = max(4 * n_frames * points_per_frame, 20_000)
+    patch, _ = _visible_patch(mesh, rng, coverage, n_dense=n_dense)
     centred = patch - patch.mean(axis=0)
     axis = np.linalg.svd(centred, full_matrices=False)[2][0]
     order = np.argsort(centred @ axis)

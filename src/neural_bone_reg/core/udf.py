@@ -9,14 +9,14 @@ normals used for refinement, so a registrar can be rebuilt from the checkpoint a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import hashlib
 import json
 import logging
 import math
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
+import time
 from typing import Callable
 
 import numpy as np
@@ -57,12 +57,13 @@ class NeuralUDF(nn.Module):
         self.config = config
         self.register_buffer('center', center.detach().clone().float().reshape(3))
         self.register_buffer('scale', torch.tensor(float(scale)))
-        self.register_buffer('frequencies',
-                             math.pi * 2.0 ** torch.arange(config.num_frequencies, dtype=torch.float32))
+        frequencies = math.pi * 2.0 ** torch.arange(config.num_frequencies, dtype=torch.float32)
+        self.register_buffer('frequencies', frequencies)
         in_dim = 3 + 6 * config.num_frequencies
         layers: list[nn.Module] = []
         for i in range(config.num_hidden_layers):
-            layers += [nn.Linear(in_dim if i == 0 else config.hidden_dim, config.hidden_dim), nn.ReLU()]
+            layer_in_dim = in_dim if i == 0 else config.hidden_dim
+            layers += [nn.Linear(layer_in_dim, config.hidden_dim), nn.ReLU()]
         layers.append(nn.Linear(config.hidden_dim, 1))
         self.mlp = nn.Sequential(*layers)
 
@@ -71,7 +72,8 @@ class NeuralUDF(nn.Module):
         x = (points - self.center) / self.scale
         if self.config.num_frequencies:
             angles = x[..., None] * self.frequencies  # (..., 3, F)
-            x = torch.cat([x, torch.sin(angles).flatten(-2), torch.cos(angles).flatten(-2)], dim=-1)
+            encoded = [x, torch.sin(angles).flatten(-2), torch.cos(angles).flatten(-2)]
+            x = torch.cat(encoded, dim=-1)
         return self.mlp(x).squeeze(-1).abs() * self.scale
 
 
@@ -108,8 +110,8 @@ def geometry_sha256(path: str | Path) -> str:
 
 def config_key(udf_config: UdfConfig, train_config: TrainConfig) -> str:
     """Return a short hash of the configs and format version, part of the cache key."""
-    blob = json.dumps({'v': FORMAT_VERSION, 'udf': as_dict(udf_config), 'train': as_dict(train_config)},
-                      sort_keys=True)
+    blob = json.dumps({'v': FORMAT_VERSION, 'udf': as_dict(udf_config),
+                       'train': as_dict(train_config)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -191,7 +193,8 @@ def train_udf(mesh: trimesh.Trimesh | None = None, cloud: np.ndarray | None = No
     lo = geometry.min(axis=0) - train_config.margin_mm
     hi = geometry.max(axis=0) + train_config.margin_mm
     dense, _ = _surface_samples(mesh, cloud, max(train_config.num_samples // 2, 10_000), rng)
-    surface_points, surface_normals = _surface_samples(mesh, cloud, train_config.num_surface_points, rng)
+    surface_points, surface_normals = _surface_samples(
+        mesh, cloud, train_config.num_surface_points, rng)
     supervise = _Supervision(mesh, np.asarray(cloud) if cloud is not None else dense)
 
     queries = _training_points(dense, lo, hi, train_config, rng)
@@ -259,7 +262,8 @@ def evaluate(field: NeuralUDF, points: np.ndarray) -> np.ndarray:
     return out
 
 
-def distill_grid(field: NeuralUDF, lo: np.ndarray, hi: np.ndarray, voxel_mm: float) -> DistanceGrid:
+def distill_grid(field: NeuralUDF, lo: np.ndarray, hi: np.ndarray,
+                 voxel_mm: float) -> DistanceGrid:
     """Sample the field on a regular grid covering [lo, hi] with ``voxel_mm`` spacing."""
     counts = np.ceil((hi - lo) / voxel_mm).astype(int) + 1
     axes = [lo[i] + voxel_mm * np.arange(counts[i]) for i in range(3)]
@@ -271,11 +275,12 @@ def distill_grid(field: NeuralUDF, lo: np.ndarray, hi: np.ndarray, voxel_mm: flo
 def measure_accuracy(field: NeuralUDF, grid: DistanceGrid, surface: np.ndarray,
                      supervise: Callable[[np.ndarray], np.ndarray],
                      rng: np.random.Generator) -> dict[str, float]:
-    """Return the mean absolute error (mm) of the field and its grid within 10 mm of the surface."""
+    """Return the mean absolute error (mm) of field and grid within 10 mm of the surface."""
     from neural_bone_reg.core.fields import GridField
 
     base = surface[rng.integers(len(surface), size=ACCURACY_SAMPLES)]
-    pts = base + rng.normal(size=base.shape) * rng.uniform(0, ACCURACY_BAND_MM / 2, size=(len(base), 1))
+    noise = rng.normal(size=base.shape)
+    pts = base + noise * rng.uniform(0, ACCURACY_BAND_MM / 2, size=(len(base), 1))
     exact = supervise(pts)
     keep = exact <= ACCURACY_BAND_MM
     pts, exact = pts[keep], exact[keep]
@@ -338,19 +343,24 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Udf
     try:
         payload = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f'checkpoint {path} is corrupt or not a torch file ({exc.__class__.__name__}: '
-                              f'{str(exc).splitlines()[0] if str(exc) else ""}); delete it to retrain') from exc
+        first_line = str(exc).splitlines()[0] if str(exc) else ''
+        message = (f'checkpoint {path} is corrupt or not a torch file '
+                   f'({exc.__class__.__name__}: {first_line}); delete it to retrain')
+        raise CheckpointError(message) from exc
     if not isinstance(payload, dict) or payload.get('kind') != CHECKPOINT_KIND:
+        kind = payload.get('kind') if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f'checkpoint {path} is not a neural_bone_reg UDF checkpoint '
-                              f'(kind {payload.get("kind") if isinstance(payload, dict) else type(payload).__name__!r})')
+                              f'(kind {kind!r})')
     missing = [k for k in _REQUIRED if k not in payload]
     if missing:
-        raise CheckpointError(f'checkpoint {path} lacks {missing}; expected a complete UDF checkpoint')
+        raise CheckpointError(
+            f'checkpoint {path} lacks {missing}; expected a complete UDF checkpoint')
     if payload['format_version'] != FORMAT_VERSION:
         raise CheckpointError(f'checkpoint {path} has format version {payload["format_version"]}; '
                               f'this build reads version {FORMAT_VERSION}. Retrain it.')
     if expected_sha256 is not None and payload['mesh_sha256'] != expected_sha256:
-        raise CheckpointError(f'checkpoint {path} was trained on geometry {payload["mesh_sha256"][:12]}..., '
+        trained_on = payload['mesh_sha256'][:12]
+        raise CheckpointError(f'checkpoint {path} was trained on geometry {trained_on}..., '
                               f'not on this mesh ({expected_sha256[:12]}...): stale or foreign')
     try:
         udf_config = UdfConfig(**payload['udf_config'])
@@ -365,8 +375,10 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Udf
         surface_points = payload['surface_points'].numpy().astype(np.float32)
         surface_normals = payload['surface_normals'].numpy().astype(np.float32)
     except Exception as exc:
-        raise CheckpointError(f'checkpoint {path} has inconsistent contents ({exc}); delete it to retrain') from exc
-    if grid.values.ndim != 3 or surface_points.shape != surface_normals.shape or surface_points.shape[-1:] != (3,):
+        raise CheckpointError(
+            f'checkpoint {path} has inconsistent contents ({exc}); delete it to retrain') from exc
+    if (grid.values.ndim != 3 or surface_points.shape != surface_normals.shape
+            or surface_points.shape[-1:] != (3,)):
         raise CheckpointError(f'checkpoint {path} has malformed grid or surface arrays')
     field.eval()
     return UdfModel(field=field, grid=grid, surface_points=surface_points,
@@ -376,7 +388,8 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Udf
                     train_time_s=float(payload.get('train_time_s', 0.0)), checkpoint_path=path)
 
 
-def train_or_load(mesh_path: str | Path, cache_dir: str | Path, udf_config: UdfConfig | None = None,
+def train_or_load(mesh_path: str | Path, cache_dir: str | Path,
+                  udf_config: UdfConfig | None = None,
                   train_config: TrainConfig | None = None, device: torch.device | str = 'cpu',
                   progress: ProgressCallback | bool | None = None) -> UdfModel:
     """Load the cached UDF of this mesh and config, or train and cache it.
@@ -388,8 +401,8 @@ def train_or_load(mesh_path: str | Path, cache_dir: str | Path, udf_config: UdfC
 
     mesh_path = Path(mesh_path)
     if not mesh_path.is_file():
-        raise InputError(f'bone geometry {mesh_path} does not exist; expected a mesh (STL, PLY, OBJ) '
-                         f'or surface cloud in mm')
+        raise InputError(f'bone geometry {mesh_path} does not exist; expected a mesh '
+                         '(STL, PLY, OBJ) or surface cloud in mm')
     udf_config = udf_config or UdfConfig()
     train_config = train_config or TrainConfig()
     sha = geometry_sha256(mesh_path)
