@@ -50,7 +50,9 @@ REGISTRATION_NODE_HEAD = """\
 /**:
   ros__parameters:
     # 'sweep': accumulate the slices of a probe sweep and register the whole sweep (tracked
-    # ultrasound); 'single': register each cloud on its own (RGB-D).
+    # ultrasound); 'single': register each cloud on its own (RGB-D); 'track': register the
+    # first cloud, then follow the bone frame to frame from the last accepted pose at video
+    # rate (RGB-D), falling back to a full registration whenever a frame fails the gates.
     mode: 'sweep'
     # Parent frame of the broadcast transform; '' uses each cloud's header.frame_id. Clouds in
     # another frame are rejected (the node does no tf lookups).
@@ -93,6 +95,10 @@ REGISTRATION_NODE_HEAD = """\
       # During a sweep that keeps streaming, solve at the latest this long after new data became
       # due, s. Range [0.0, 3600.0].
       max_wait_s: 2.0
+    track:
+      # A frame stamped more than this after the last accepted one (or before it) is registered
+      # from scratch, not tracked, s. Range [0.001, 60.0].
+      max_gap_s: 0.5
 """
 
 

@@ -23,6 +23,7 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
+from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
@@ -31,7 +32,7 @@ import yaml
 from neural_bone_reg import RegistrationResult
 from neural_bone_reg.core import sim
 from neural_bone_reg.core.config import RegistrationConfig, TrainConfig, UdfConfig
-from neural_bone_reg.core.se3 import apply_transform, invert_transform
+from neural_bone_reg.core.se3 import apply_transform, invert_transform, make_transform
 from neural_bone_reg.ros.conversions import (cloud_to_xyz, transform_stamped_to_matrix,
                                              xyz_to_cloud)
 from neural_bone_reg.ros.model_info import decode_model_info
@@ -443,6 +444,72 @@ def test_register_now_and_reset_services(ros_context: Any, spin: Callable[[Any],
     assert not response.success and 'empty' in response.message
 
 
+class ScriptedTracker(ScriptedRegistrar):
+    """A scripted registrar that can also track; ``track_ok`` decides the tracked results."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.track_ok = True
+        self.priors: list[np.ndarray] = []
+
+    def track(self, points: np.ndarray, prior: np.ndarray) -> RegistrationResult:
+        self.priors.append(np.array(prior, copy=True))
+        reasons = () if self.track_ok else ('tracking lost: moved 30.0 deg',)
+        return RegistrationResult(transform=FAKE_T.copy(), accepted=self.track_ok,
+                                  residual_mm=0.7, inlier_fraction=0.97,
+                                  ambiguity=float('nan'), rejection_reasons=reasons,
+                                  n_points=len(points), time_s=0.002, constraint=0.05,
+                                  method='track', step_deg=0.4, step_mm=0.3)
+
+
+def test_track_mode_tracks_from_the_last_accepted_pose_and_falls_back(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
+    node = spin(registration_node(ros_context, mode='track', **{'track.max_gap_s': 0.5}))
+    scripted = ScriptedTracker()
+    node.use_registrar(scripted)
+    assert node.wait_idle(MESSAGE_TIMEOUT_S)
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    # A heartbeat first: the subscription is matched before the frames' diagnostics go out.
+    assert diags.wait_for(lambda a: True, MESSAGE_TIMEOUT_S) is not None
+
+    def frame(stamp_s: float, frame_id: str = 'robot') -> None:
+        # Called directly (not over DDS) so that every frame is solved, in order.
+        node.on_points(cloud(patch_points(n=300), frame=frame_id,
+                             stamp_ns=int(stamp_s * 1e9)))
+        assert node.wait_idle(SOLVE_TIMEOUT_S)
+
+    frame(1.0)  # nothing to track from: a global registration
+    assert (len(scripted.calls), len(scripted.priors)) == (1, 0)
+    frame(1.033)  # tracked from the accepted pose
+    assert (len(scripted.calls), len(scripted.priors)) == (1, 1)
+    np.testing.assert_array_equal(scripted.priors[0], FAKE_T)
+    scripted.track_ok = False
+    frame(1.066)  # the track is lost: registered from scratch at once
+    assert (len(scripted.calls), len(scripted.priors)) == (2, 2)
+    scripted.track_ok = True
+    frame(5.0)  # a gap longer than track.max_gap_s: no tracking across it
+    assert (len(scripted.calls), len(scripted.priors)) == (3, 2)
+    frame(5.03, frame_id='other_robot')  # another frame: no tracking across it either
+    assert (len(scripted.calls), len(scripted.priors)) == (4, 2)
+    assert node.n_broadcasts == 5 and node.n_tracked == 1
+    array = diags.wait_for(
+        lambda a: (find_status(a, 'registration') is not None
+                   and status_values(find_status(a, 'registration')).get('method') == 'track'),
+        MESSAGE_TIMEOUT_S)
+    assert array is not None, 'no diagnostic of a tracked frame'
+    values = status_values(find_status(array, 'registration'))
+    assert values['accepted'] == 'True' and float(values['constraint']) == 0.05
+
+    scripted.accepted = False  # a rejected global result ends tracking: nothing to track from
+    frame(5.06, frame_id='other_robot')  # tracked (the previous frame was accepted) ...
+    assert len(scripted.priors) == 3
+    scripted.track_ok = False
+    frame(5.09, frame_id='other_robot')  # ... lost, and the fallback is rejected
+    frame(5.12, frame_id='other_robot')
+    assert (len(scripted.calls), len(scripted.priors)) == (6, 4)
+    assert node.n_broadcasts == 6
+
+
 def test_sweep_buffer_bounds_age_and_size() -> None:
     buffer = SweepBuffer(max_age_s=1.0, voxel_mm=0.0, max_points=1000)
     pts = np.random.default_rng(0).uniform(0, 100, (400, 3)).astype(np.float32)
@@ -587,3 +654,32 @@ def test_real_registration_of_a_posed_phantom_patch_and_of_a_foreign_bone(
     assert status.level in (DiagnosticStatus.WARN, DiagnosticStatus.ERROR), status.message
     assert 'no transform broadcast' in status.message
     assert foreign_tf.latest is None
+
+
+def test_real_tracking_of_a_moving_phantom(ros_context: Any, spin: Callable[[Any], Any],
+                                           probe: Any, phantom_cache: Path) -> None:
+    registrar = trained_phantom(phantom_cache)
+    params = {'mode': 'track', 'checkpoint': str(registrar.checkpoint_path), 'preset': 'fast'}
+    params.update({f'registration.{k}': v for k, v in TEST_REGISTRATION.items()})
+    node = spin(registration_node(ros_context, **params))
+    waiter = TfWaiter(probe, 'robot', 'bone')
+    rng = np.random.default_rng(8)
+    patch = sim.simulate_partial_cloud(sim.make_phantom_mesh(), rng, n_points=1500)
+    t_robot_bone = sim.random_pose(rng)
+    centre = apply_transform(t_robot_bone, patch.mean(axis=0)[None])[0]
+    for k in range(6):  # the bone turns 1 deg and shifts 1 mm per frame, at 30 Hz
+        turn = Rotation.from_rotvec(np.radians([0.0, 1.0, 0.0])).as_matrix()
+        step = make_transform(turn, centre - turn @ centre + [1.0, 0.0, 0.0])
+        t_robot_bone = step @ t_robot_bone
+        centre = centre + [1.0, 0.0, 0.0]
+        node.on_points(cloud(apply_transform(t_robot_bone, patch), frame='robot',
+                             stamp_ns=int((1.0 + k / 30.0) * 1e9)))
+        assert node.wait_idle(SOLVE_TIMEOUT_S)
+        result = node.last_result
+        assert node.n_broadcasts == k + 1, result.rejection_reasons
+        assert result.method == ('global' if k == 0 else 'track')
+        estimate = invert_transform(result.transform)  # T_robot_bone, as broadcast
+        assert rotation_error_deg(estimate[:3, :3], t_robot_bone[:3, :3]) < 1.0
+        assert np.linalg.norm(estimate[:3, 3] - t_robot_bone[:3, 3]) < 1.0
+    assert node.n_tracked == 5
+    assert waiter.wait(MESSAGE_TIMEOUT_S) is not None, 'nothing on tf'

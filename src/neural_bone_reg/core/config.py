@@ -151,6 +151,23 @@ class RegistrationConfig:
     Calibrated on real ultrasound: correct fits score 0.56-0.71 (up to 1 mm added noise), while
     a left femur's cloud on the right femur (a mirror image: the wrong-side error) scores 0.80.
     """
+    track_points: int = 2000
+    """Tracking: points used by the frame-to-frame ICP (seeded subset); scoring uses all."""
+    track_max_rotation_deg: float = 10.0
+    """Tracking: a frame whose pose turned more than this from the previous pose is lost."""
+    track_max_translation_mm: float = 10.0
+    """Tracking: a frame whose centroid moved more than this from the previous pose is lost."""
+    track_min_constraint: float = 0.001
+    """Tracking: accept only if the fit pins all six degrees of freedom at least this well.
+
+    Tracking has no ambiguity measure (it searches no alternatives); this is its local stand-in.
+    The smallest over the largest eigenvalue of the point-to-plane information matrix, with
+    rotations scaled by the cloud's radius (1 = equally constrained in every direction). A
+    patch that can slide along or spin about an axis scores near 0. Measured: real ultrasound
+    sweeps 0.03-0.09; simulated 20-40 % views 0.004-0.2, except the fibula (thin and long,
+    0.0008-0.0011, so about half its frames fall back to global registration); 25 mm patches
+    of the real femoral shaft 0.0003-0.0008; the phantom's tapered shaft 0.0008.
+    """
     seed: int = 0
     """Seed of sampling and head initialisation."""
 
@@ -221,6 +238,18 @@ class RegistrationConfig:
         _check(0.0 < self.gate_max_ambiguity <= 1.0,
                'registration.gate_max_ambiguity must be in (0, 1], '
                f'got {self.gate_max_ambiguity}')
+        _check(6 <= self.track_points <= self.max_points,
+               f'registration.track_points must be in [6, max_points={self.max_points}], '
+               f'got {self.track_points}')
+        _check(0.0 < self.track_max_rotation_deg <= 180.0,
+               'registration.track_max_rotation_deg must be in (0, 180], '
+               f'got {self.track_max_rotation_deg}')
+        _check(0.0 < self.track_max_translation_mm <= 1000.0,
+               'registration.track_max_translation_mm must be in (0, 1000], '
+               f'got {self.track_max_translation_mm}')
+        _check(0.0 <= self.track_min_constraint < 1.0,
+               'registration.track_min_constraint must be in [0, 1), '
+               f'got {self.track_min_constraint}')
 
 
 PRESETS: dict[str, dict[str, Any]] = {

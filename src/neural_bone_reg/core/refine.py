@@ -90,3 +90,30 @@ def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
         if np.linalg.norm(step[:3]) * radius + np.linalg.norm(step[3:]) < tolerance_mm:
             return IcpResult(rotation, translation, iteration, True)
     return IcpResult(rotation, translation, max_iterations, False)
+
+
+def constraint_ratio(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
+                     translation: np.ndarray, robust_scale_mm: float) -> float:
+    """Return how well ``p' = R p + t`` pins all six degrees of freedom, in [0, 1].
+
+    The ratio of the smallest to the largest eigenvalue of the robustly weighted
+    point-to-plane information matrix ``J^T W J`` at the pose, with the rotation columns
+    scaled by the cloud's mean radius so both halves are in mm. Near 0, some motion (sliding
+    along or spinning about a cylinder's axis, sliding over a plane) barely changes the fit, so
+    the pose along it is not determined by the data. 0 when too few points touch the surface.
+    """
+    moved = np.asarray(points, dtype=np.float64) @ np.asarray(rotation).T + translation
+    dist, idx = surface.tree.query(
+        moved, workers=1,
+        distance_upper_bound=ICP_REJECT_SCALES * robust_scale_mm + surface.spacing)
+    valid = np.isfinite(dist)
+    if valid.sum() < 6:
+        return 0.0
+    q, s, n = moved[valid], surface.points[idx[valid]], surface.normals[idx[valid]]
+    residual = np.einsum('ij,ij->i', q - s, n)
+    weight = (robust_scale_mm ** 2 / (robust_scale_mm ** 2 + residual ** 2)) ** 2
+    centre = q.mean(axis=0)
+    radius = float(np.linalg.norm(q - centre, axis=1).mean()) or 1.0
+    jac = np.hstack([np.cross(q - centre, n) / radius, n])
+    eig = np.linalg.eigvalsh((jac * weight[:, None]).T @ jac)
+    return float(max(eig[0], 0.0) / eig[-1]) if eig[-1] > 0.0 else 0.0

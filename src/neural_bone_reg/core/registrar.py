@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from neural_bone_reg.core.config import Configs, RegistrationConfig, registration_preset
+from neural_bone_reg.core.config import Configs, registration_preset, RegistrationConfig
 from neural_bone_reg.core.errors import InputError
 from neural_bone_reg.core.fields import GridField
 from neural_bone_reg.core.io import check_points
 from neural_bone_reg.core.neural_reg import HypothesisSet, optimise, robust_cost
-from neural_bone_reg.core.refine import refine_icp, SurfaceModel
+from neural_bone_reg.core.refine import constraint_ratio, refine_icp, SurfaceModel
 from neural_bone_reg.core.se3 import fps_rotations, geodesic_deg, make_transform
 from neural_bone_reg.core.udf import load_checkpoint, train_or_load, UdfModel
 
@@ -58,7 +58,12 @@ def _fps_rotations_cached(count: int, seed: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class RegistrationResult:
-    """A registration with its confidence. ``transform`` maps input points into the bone frame."""
+    """A registration with its confidence. ``transform`` maps input points into the bone frame.
+
+    ``method`` is 'global' (``register``: search from no initial guess) or 'track'
+    (``track``: local refinement from the previous pose; ``ambiguity`` is then nan, not
+    measured, and ``step_deg`` / ``step_mm`` say how far the pose moved from the prior).
+    """
 
     transform: np.ndarray
     accepted: bool
@@ -71,6 +76,11 @@ class RegistrationResult:
     timings: dict[str, float] = field(default_factory=dict)
     alternative_transform: np.ndarray | None = None
     candidates_refined: int = 0
+    constraint: float = float('nan')
+    """How well the fit pins all six degrees of freedom (see ``refine.constraint_ratio``)."""
+    method: str = 'global'
+    step_deg: float = float('nan')
+    step_mm: float = float('nan')
 
     def summary(self) -> dict[str, Any]:
         """Return a JSON-able dict of the result."""
@@ -86,6 +96,10 @@ class RegistrationResult:
             'timings': dict(self.timings),
             'alternative_transform': (None if self.alternative_transform is None
                                       else self.alternative_transform.tolist()),
+            'constraint': self.constraint,
+            'method': self.method,
+            'step_deg': self.step_deg,
+            'step_mm': self.step_mm,
         }
 
 
@@ -111,7 +125,7 @@ class BoneRegistrar:
                   cache_dir: str | Path | None = None, *, configs: Configs | None = None,
                   preset: str = 'default', progress: Any = None,
                   **overrides: Any) -> 'BoneRegistrar':
-        """Load the bone's UDF from the cache, or train it; ``overrides`` set registration fields."""
+        """Load the bone's UDF from the cache, or train it; ``overrides`` set registration."""
         from neural_bone_reg.core.sim import default_cache_dir
 
         configs = configs or Configs(registration=registration_preset(preset))
@@ -155,7 +169,8 @@ class BoneRegistrar:
 
     def field(self, backend: str | None = None):
         """Return the distance backend ('grid' or 'neural') as a callable on torch points."""
-        return self._neural_field if (backend or self.config.backend) == 'neural' else self._grid_field
+        neural = (backend or self.config.backend) == 'neural'
+        return self._neural_field if neural else self._grid_field
 
     def validate(self, points: np.ndarray) -> np.ndarray:
         """Return the finite points as float64 (N, 3), or raise InputError saying what is wrong."""
@@ -163,8 +178,9 @@ class BoneRegistrar:
         pts = check_points(points, name='cloud', min_points=cfg.min_points)
         extent = float(np.linalg.norm(np.ptp(pts, axis=0)))
         if extent > MAX_CLOUD_TO_BONE_EXTENT * self._bone_diagonal:
-            raise InputError(f'cloud spans {extent:.0f} mm but the bone is only {self._bone_diagonal:.0f} mm '
-                             f'across; expected a patch of this bone in mm (wrong units or a scene cloud?)')
+            raise InputError(f'cloud spans {extent:.0f} mm but the bone is only '
+                             f'{self._bone_diagonal:.0f} mm across; expected a patch of this bone '
+                             'in mm (wrong units or a scene cloud?)')
         return pts
 
     def register(self, points: np.ndarray) -> RegistrationResult:
@@ -216,9 +232,10 @@ class BoneRegistrar:
         # Final choice: re-score on the whole cloud, keep distinct poses, refine, compare.
         tick = time.perf_counter()
         with torch.no_grad():
-            whole = torch.stack([robust_cost(field, fine.rotation[i:i + 1], fine.translation[i:i + 1],
-                                             cloud, cfg.robust_scale_mm)[0]
-                                 for i in range(len(fine.cost))])
+            whole = torch.stack([
+                robust_cost(field, fine.rotation[i:i + 1], fine.translation[i:i + 1], cloud,
+                            cfg.robust_scale_mm)[0]
+                for i in range(len(fine.cost))])
         order = torch.argsort(whole).cpu().numpy()
         rot_np = fine.rotation.double().cpu().numpy()
         tr_np = fine.translation.double().cpu().numpy()
@@ -226,7 +243,8 @@ class BoneRegistrar:
         timings['rescore_s'] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        icp_pts = pts if len(pts) <= ICP_POINTS else pts[rng.choice(len(pts), ICP_POINTS, replace=False)]
+        icp_pts = pts if len(pts) <= ICP_POINTS else pts[
+            rng.choice(len(pts), ICP_POINTS, replace=False)]
         refined = []
         for i in distinct[:REFINED_CANDIDATES]:
             rot, tr = rot_np[i], tr_np[i]
@@ -235,14 +253,14 @@ class BoneRegistrar:
                                  cfg.refine_iterations, cfg.refine_tolerance_mm)
                 rot, tr = icp.rotation, icp.translation
             dist = self.surface.distances(pts @ rot.T + tr)
-            refined.append((float(np.minimum(dist, cfg.inlier_threshold_mm).mean()), rot, tr, dist))
+            truncated = float(np.minimum(dist, cfg.inlier_threshold_mm).mean())
+            refined.append((truncated, rot, tr, dist))
         refined.sort(key=lambda item: item[0])
         timings['refine_s'] = time.perf_counter() - tick
 
         cost, rot, tr, dist = refined[0]
-        inliers = dist <= cfg.inlier_threshold_mm
-        inlier_fraction = float(inliers.mean())
-        residual = float(dist[inliers].mean()) if inliers.any() else float('inf')
+        residual, inlier_fraction = self._fit_quality(dist)
+        constraint = constraint_ratio(self.surface, icp_pts, rot, tr, cfg.robust_scale_mm)
         alternative = None
         ambiguity = 0.0
         # The best refined alternative that is still a distinct pose from the winner.
@@ -251,11 +269,7 @@ class BoneRegistrar:
                 ambiguity = min(cost / max(alt_cost, 1e-9), 1.0)
                 alternative = make_transform(alt_rot, alt_tr)
                 break
-        reasons = []
-        if residual > cfg.gate_max_residual_mm:
-            reasons.append(f'residual {residual:.2f} mm > {cfg.gate_max_residual_mm} mm')
-        if inlier_fraction < cfg.gate_min_inlier_fraction:
-            reasons.append(f'inlier fraction {inlier_fraction:.2f} < {cfg.gate_min_inlier_fraction}')
+        reasons = self._fit_reasons(residual, inlier_fraction)
         if ambiguity > cfg.gate_max_ambiguity:
             reasons.append(f'ambiguous: a distinct pose fits {ambiguity:.2f} as well '
                            f'(gate {cfg.gate_max_ambiguity})')
@@ -268,13 +282,74 @@ class BoneRegistrar:
             transform=make_transform(rot, tr), accepted=not reasons, residual_mm=residual,
             inlier_fraction=inlier_fraction, ambiguity=float(ambiguity),
             rejection_reasons=tuple(reasons), n_points=len(pts), time_s=elapsed, timings=timings,
-            alternative_transform=alternative, candidates_refined=len(refined))
+            alternative_transform=alternative, candidates_refined=len(refined),
+            constraint=constraint)
+
+    def track(self, points: np.ndarray, prior: np.ndarray) -> RegistrationResult:
+        """Follow a pose known from the previous frame: robust ICP from ``prior``, gated.
+
+        The video-rate path after a global ``register``: no search, so it holds only while the
+        bone moves less than ``track_max_rotation_deg`` and ``track_max_translation_mm``
+        between frames. ``prior`` is the last accepted 4x4 (input frame to bone frame). The
+        result is accepted only if the residual, inlier and ``track_min_constraint`` gates pass
+        and the step from ``prior`` is within those bounds; otherwise the caller should fall
+        back to ``register``. Ambiguity is not measured (nan): continuity with an accepted pose
+        stands in for it.
+        """
+        start = time.perf_counter()
+        cfg = self.config
+        pts = self.validate(points)
+        rot0, tr0 = _check_prior(prior)
+        rng = np.random.default_rng(cfg.seed)
+        if len(pts) > cfg.max_points:
+            pts = pts[np.sort(rng.choice(len(pts), cfg.max_points, replace=False))]
+        icp_pts = pts if len(pts) <= cfg.track_points else pts[
+            rng.choice(len(pts), cfg.track_points, replace=False)]
+        icp = refine_icp(self.surface, icp_pts, rot0, tr0, cfg.robust_scale_mm,
+                         cfg.refine_iterations, cfg.refine_tolerance_mm)
+        rot, tr = icp.rotation, icp.translation
+        centroid = pts.mean(axis=0)
+        step_deg = float(geodesic_deg(rot, rot0))
+        step_mm = float(np.linalg.norm((rot - rot0) @ centroid + tr - tr0))
+        residual, inlier_fraction = self._fit_quality(self.surface.distances(pts @ rot.T + tr))
+        constraint = constraint_ratio(self.surface, icp_pts, rot, tr, cfg.robust_scale_mm)
+        reasons = self._fit_reasons(residual, inlier_fraction)
+        if not constraint >= cfg.track_min_constraint:
+            reasons.append(f'under-constrained: the patch can slide or spin on the surface '
+                           f'(constraint {constraint:.4f} < {cfg.track_min_constraint})')
+        if step_deg > cfg.track_max_rotation_deg or step_mm > cfg.track_max_translation_mm:
+            reasons.append(f'tracking lost: moved {step_deg:.1f} deg / {step_mm:.1f} mm from the '
+                           f'previous pose (limits {cfg.track_max_rotation_deg} deg / '
+                           f'{cfg.track_max_translation_mm} mm); register globally')
+        return RegistrationResult(
+            transform=make_transform(rot, tr), accepted=not reasons, residual_mm=residual,
+            inlier_fraction=inlier_fraction, ambiguity=float('nan'),
+            rejection_reasons=tuple(reasons), n_points=len(pts),
+            time_s=time.perf_counter() - start, timings={'icp_iterations': icp.iterations},
+            constraint=constraint, method='track', step_deg=step_deg, step_mm=step_mm)
 
     # -- helpers ------------------------------------------------------------------------------
 
+    def _fit_quality(self, dist: np.ndarray) -> tuple[float, float]:
+        """Return (mean inlier distance in mm, inlier fraction) of point-to-surface distances."""
+        inliers = dist <= self.config.inlier_threshold_mm
+        residual = float(dist[inliers].mean()) if inliers.any() else float('inf')
+        return residual, float(inliers.mean())
+
+    def _fit_reasons(self, residual: float, inlier_fraction: float) -> list[str]:
+        """Return why the fit itself fails the gates (empty when it passes them)."""
+        cfg = self.config
+        reasons = []
+        if residual > cfg.gate_max_residual_mm:
+            reasons.append(f'residual {residual:.2f} mm > {cfg.gate_max_residual_mm} mm')
+        if inlier_fraction < cfg.gate_min_inlier_fraction:
+            reasons.append(f'inlier fraction {inlier_fraction:.2f} < '
+                           f'{cfg.gate_min_inlier_fraction}')
+        return reasons
+
     def _initial_poses(self, centred: np.ndarray,
                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
-        """Return starting rotations (H, 3, 3), centroid landing points (H, 3), starts per rotation.
+        """Return start rotations (H, 3, 3), centroid landing points (H, 3), starts per rotation.
 
         Rotations come from farthest point sampling on SO(3). For each rotation the cloud's
         centroid starts at the centre of the region where the rotated cloud fits inside the
@@ -283,7 +358,8 @@ class BoneRegistrar:
         along it, and the hypotheses are shared out among them.
         """
         cfg = self.config
-        sample = centred[rng.choice(len(centred), min(len(centred), BOX_SAMPLE_POINTS), replace=False)]
+        n_sample = min(len(centred), BOX_SAMPLE_POINTS)
+        sample = centred[rng.choice(len(centred), n_sample, replace=False)]
         probe_lo, probe_hi = self._feasible_boxes(
             _fps_rotations_cached(min(cfg.num_hypotheses, BOX_PROBE_ROTATIONS), cfg.seed), sample)
         room = float(np.median(np.max(probe_hi - probe_lo, axis=1)))
@@ -299,8 +375,9 @@ class BoneRegistrar:
         landing = np.concatenate([centre + f * spread for f in fractions])
         return np.tile(rot0, (count, 1, 1)), landing, count
 
-    def _feasible_boxes(self, rotations: np.ndarray, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return per rotation the box (lo, hi) of centroid positions keeping the cloud in the bone."""
+    def _feasible_boxes(self, rotations: np.ndarray,
+                        sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return per rotation the box (lo, hi) of centroids keeping the cloud in the bone."""
         rotated = np.einsum('rij,nj->rni', rotations, sample)
         low, high = np.percentile(rotated, [BOX_PERCENTILE, 100 - BOX_PERCENTILE], axis=1)
         box_lo, box_hi = self._bone_lo - low, self._bone_hi - high
@@ -325,9 +402,23 @@ class BoneRegistrar:
             if chosen:
                 angle = geodesic_deg(rot[i][None], rot[chosen])
                 shift = np.linalg.norm(landing[chosen] - landing[i], axis=1)
-                if np.any((angle <= cfg.distinct_rotation_deg) & (shift <= cfg.distinct_translation_mm)):
+                same = ((angle <= cfg.distinct_rotation_deg)
+                        & (shift <= cfg.distinct_translation_mm))
+                if np.any(same):
                     continue
             chosen.append(int(i))
             if len(chosen) == limit:
                 break
         return chosen
+
+
+def _check_prior(prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (R, t) of a rigid 4x4 prior, or raise InputError saying what is wrong."""
+    prior = np.asarray(prior, dtype=np.float64)
+    if prior.shape != (4, 4) or not np.all(np.isfinite(prior)):
+        raise InputError(f'prior must be a finite 4x4 transform, got shape {prior.shape}')
+    rotation = prior[:3, :3]
+    if (not np.allclose(rotation @ rotation.T, np.eye(3), atol=1e-4)
+            or np.linalg.det(rotation) <= 0.0):
+        raise InputError('prior is not a rigid transform: its 3x3 block must be a rotation')
+    return rotation, prior[:3, 3]

@@ -7,10 +7,16 @@ Outputs, ONLY for results that pass every confidence gate: the transform
 mapped into the bone frame on ``registered_points``. Every outcome, accepted or not, and
 every rejected input is reported on /diagnostics with the reason.
 
+Modes: 'sweep' accumulates the slices of a probe sweep and registers the sweep; 'single'
+registers each cloud globally; 'track' registers the first cloud globally, then follows the
+bone from frame to frame by local refinement from the last accepted pose (video rate), and
+falls back to a global registration whenever a frame fails the gates, the frame or bone
+changes, or more than ``track.max_gap_s`` passes between frames.
+
 Threading: the subscription callback only converts the cloud and stores it in a depth-1
-slot (mode 'single') or in a bounded sweep buffer (mode 'sweep'); a worker thread loads
-models and solves, always on the newest data, so the executor never blocks and no backlog
-builds up.
+slot (modes 'single' and 'track') or in a bounded sweep buffer (mode 'sweep'); a worker thread
+loads models and solves, always on the newest data, so the executor never blocks and no
+backlog builds up.
 
 Convention: ``RegistrationResult.transform`` maps cloud points into the bone frame, so it is
 T_bone_cloud; the tf transform (parent = cloud/robot frame, child = bone frame) is its inverse.
@@ -48,7 +54,7 @@ from neural_bone_reg.ros.sweep_buffer import SweepBuffer
 from neural_bone_reg.ros.tf_compat import make_tf_broadcaster, send_transforms
 
 NODE_NAME = 'registration_node'
-MODES = ('sweep', 'single')
+MODES = ('sweep', 'single', 'track')
 DEVICES = ('auto', 'cpu', 'cuda')
 CONFIG_SECTIONS = ('udf', 'train', 'registration')
 #: Per-frame log messages are throttled to one per this many seconds.
@@ -74,6 +80,16 @@ class _Job:
     stamp_ns: int
     received_monotonic: float
     n_slices: int = 1
+
+
+@dataclass(frozen=True)
+class _Track:
+    """The last accepted pose that the next frame may be tracked from."""
+
+    transform: np.ndarray
+    frame_id: str
+    bone_frame: str
+    stamp_ns: int
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,7 @@ class RegistrationNode(Node):
         self._sweep_min_points = self.get_parameter('sweep.min_points').value
         self._sweep_settle_s = self.get_parameter('sweep.settle_s').value
         self._sweep_max_wait_s = self.get_parameter('sweep.max_wait_s').value
+        self._track_max_gap_s = self.get_parameter('track.max_gap_s').value
         self._sweep = self._make_sweep_buffer({})
         self.get_logger().info(
             f'mode={self._mode} device={self._device_name} preset={self._preset} '
@@ -113,7 +130,8 @@ class RegistrationNode(Node):
             f'max_cloud_points={self._max_cloud_points} sweep.min_points='
             f'{self._sweep_min_points} sweep.max_age_s={self._sweep.max_age_s} '
             f'sweep.voxel_mm={self._sweep.voxel_mm} sweep.max_points={self._sweep.max_points} '
-            f'sweep.settle_s={self._sweep_settle_s} sweep.max_wait_s={self._sweep_max_wait_s}\n'
+            f'sweep.settle_s={self._sweep_settle_s} sweep.max_wait_s={self._sweep_max_wait_s} '
+            f'track.max_gap_s={self._track_max_gap_s}\n'
             + ros_params.format_configs(self._configs, ('registration',)))
 
         # State shared with the worker, guarded by _cond.
@@ -132,6 +150,7 @@ class RegistrationNode(Node):
         self._model_bone_frame = ''
         self._model_source = ''
         self._max_extent_mm = float('inf')
+        self._track: _Track | None = None
         self._busy = False
         # Counters, read by tests and diagnostics.
         self.n_received = 0
@@ -139,6 +158,7 @@ class RegistrationNode(Node):
         self.n_dropped = 0
         self.n_solves = 0
         self.n_broadcasts = 0
+        self.n_tracked = 0
         self.last_result: Any = None
         self.last_latency_s = float('nan')
 
@@ -179,7 +199,9 @@ class RegistrationNode(Node):
         declare = ros_params.declare
         declare(self, 'mode', 'sweep',
                 "'sweep': accumulate the slices of a probe sweep and register the sweep; "
-                "'single': register each cloud on its own.")
+                "'single': register each cloud on its own; 'track': register the first cloud, "
+                'then follow the bone frame to frame from the last accepted pose (video rate), '
+                'falling back to a full registration whenever a frame fails the gates.')
         declare(self, 'robot_frame', '',
                 "Parent frame of the broadcast transform; '' uses each cloud's frame_id. "
                 'A cloud in another frame is rejected (this node does no tf lookups).')
@@ -221,6 +243,10 @@ class RegistrationNode(Node):
         declare(self, 'sweep.max_points', 60_000,
                 'Sweep mode: most points held; the oldest slices drop out beyond it.',
                 value_range=(100, 10_000_000))
+        declare(self, 'track.max_gap_s', 0.5,
+                'Track mode: a frame stamped more than this after the last accepted one (or '
+                'before it) is registered from scratch, not tracked, s.',
+                value_range=(0.001, 60.0))
         ros_params.declare_config_parameters(self, CONFIG_SECTIONS)
 
     def _checked_choice(self, name: str, choices: tuple[str, ...]) -> str:
@@ -263,7 +289,10 @@ class RegistrationNode(Node):
             if sweep is not None:
                 self._sweep = sweep
                 self._sweep_dirty = False
+            if changes.get('mode', self._mode) != self._mode:
+                self._track = None
             self._mode = changes.get('mode', self._mode)
+            self._track_max_gap_s = changes.get('track.max_gap_s', self._track_max_gap_s)
             self._robot_frame = changes.get('robot_frame', self._robot_frame)
             self._bone_frame_param = changes.get('bone_frame', self._bone_frame_param)
             self._max_cloud_points = changes.get('max_cloud_points', self._max_cloud_points)
@@ -307,7 +336,7 @@ class RegistrationNode(Node):
             return
         stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
         with self._cond:
-            if self._mode == 'single':
+            if self._mode != 'sweep':
                 if self._pending is not None:
                     self.n_dropped += 1
                 self._pending = _Job(xyz.astype(np.float32), parent, stamp_ns, received)
@@ -355,7 +384,7 @@ class RegistrationNode(Node):
         with self._cond:
             if self._registrar is None and self._model_job is None:
                 response.success, response.message = False, 'no model loaded yet'
-            elif self._mode == 'single':
+            elif self._mode != 'sweep':
                 if self._last_job is None:
                     response.success, response.message = False, 'no valid cloud received yet'
                 else:
@@ -378,6 +407,7 @@ class RegistrationNode(Node):
             self._sweep.clear()
             self._sweep_dirty = self._sweep_force = False
             self._pending = self._last_job = None
+            self._track = None
         response.success = True
         response.message = f'cleared the sweep and queue ({dropped} points/clouds)'
         self.get_logger().info(response.message)
@@ -391,7 +421,7 @@ class RegistrationNode(Node):
             return 0.0
         if self._registrar is None:
             return None
-        if self._mode == 'single':
+        if self._mode != 'sweep':
             return 0.0 if self._pending is not None else None
         if not self._sweep_dirty:
             return None
@@ -406,7 +436,7 @@ class RegistrationNode(Node):
 
     def _take_job(self) -> _Job | None:
         """Take the newest work under the lock (the caller holds _cond)."""
-        if self._mode == 'single':
+        if self._mode != 'sweep':
             job, self._pending = self._pending, None
             return job
         self._sweep_dirty = False
@@ -495,6 +525,7 @@ class RegistrationNode(Node):
             self._max_extent_mm = max_extent_mm
             self._model_bone_frame = job.bone_frame
             self._model_source = job.source
+            self._track = None
             if self._mode == 'sweep' and self._sweep.n_points >= self._sweep_min_points:
                 self._sweep_dirty = True
         message = f'model loaded from {job.source} in {time.monotonic() - started:.2f} s'
@@ -524,7 +555,7 @@ class RegistrationNode(Node):
                    'stamp': f'{stamp.sec}.{stamp.nanosec:09d}', 'n_points': len(job.points),
                    'n_slices': job.n_slices}
         try:
-            result = registrar.register(job.points)
+            result = self._track_or_register(registrar, job, bone_frame)
         except InputError as exc:
             self.n_solves += 1
             self.n_rejected_inputs += 1
@@ -534,11 +565,15 @@ class RegistrationNode(Node):
             return
         self.n_solves += 1
         self.last_result = result
-        values = {**context, 'accepted': result.accepted,
+        method = getattr(result, 'method', 'global')
+        values = {**context, 'method': method, 'accepted': result.accepted,
                   'residual_mm': float(result.residual_mm),
                   'inlier_fraction': float(result.inlier_fraction),
                   'ambiguity': float(result.ambiguity),
+                  'constraint': float(getattr(result, 'constraint', float('nan'))),
                   'solve_time_s': float(getattr(result, 'time_s', float('nan')))}
+        if method == 'track':
+            values.update(step_deg=float(result.step_deg), step_mm=float(result.step_mm))
         for key, seconds in dict(getattr(result, 'timings', {}) or {}).items():
             values[f'time_{key}_s'] = float(seconds)
         if result.accepted:
@@ -550,17 +585,44 @@ class RegistrationNode(Node):
             self.n_broadcasts += 1
             self.last_latency_s = time.monotonic() - job.received_monotonic
             values['latency_s'] = self.last_latency_s
-            message = (f'accepted: {job.frame_id} -> {bone_frame} broadcast (residual '
-                       f'{result.residual_mm:.2f} mm, inliers {result.inlier_fraction:.2f}, '
-                       f'ambiguity {result.ambiguity:.2f})')
+            if self._mode == 'track':
+                with self._cond:
+                    self._track = _Track(np.asarray(result.transform, dtype=np.float64),
+                                         job.frame_id, bone_frame, job.stamp_ns)
+            message = (f'accepted ({method}): {job.frame_id} -> {bone_frame} broadcast '
+                       f'(residual {result.residual_mm:.2f} mm, inliers '
+                       f'{result.inlier_fraction:.2f}, ambiguity {result.ambiguity:.2f})')
             self.get_logger().info(message, throttle_duration_sec=LOG_THROTTLE_S)
             self._publish_diag('registration', OK, message, values)
         else:
+            with self._cond:
+                self._track = None
             reasons = '; '.join(result.rejection_reasons) or 'confidence gates not met'
             values['rejection_reasons'] = reasons
             message = f'rejected, no transform broadcast: {reasons}'
             self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
             self._publish_diag('registration', WARN, message, values)
+
+    def _track_or_register(self, registrar: Any, job: _Job, bone_frame: str) -> Any:
+        """Track ``job`` from the last accepted pose when it may be; else register it.
+
+        A tracked frame that fails the gates is registered from scratch at once, so a lost
+        track costs one global solve and never a broadcast of the tracked pose.
+        """
+        with self._cond:
+            track = self._track if self._mode == 'track' else None
+            max_gap_ns = int(self._track_max_gap_s * 1e9)
+        if (track is not None and hasattr(registrar, 'track')
+                and track.frame_id == job.frame_id and track.bone_frame == bone_frame
+                and 0 <= job.stamp_ns - track.stamp_ns <= max_gap_ns):
+            result = registrar.track(job.points, track.transform)
+            if result.accepted:
+                self.n_tracked += 1
+                return result
+            self.get_logger().info('tracking lost (' + '; '.join(result.rejection_reasons)
+                                   + '); registering from scratch',
+                                   throttle_duration_sec=LOG_THROTTLE_S)
+        return registrar.register(job.points)
 
     # ----------------------------------------------------------------- helpers
 
@@ -588,7 +650,8 @@ class RegistrationNode(Node):
         level, message, values = self._model_status
         counters = {'clouds_received': self.n_received, 'inputs_rejected': self.n_rejected_inputs,
                     'clouds_dropped': self.n_dropped, 'solves': self.n_solves,
-                    'broadcasts': self.n_broadcasts, 'worker_busy': self._busy,
+                    'broadcasts': self.n_broadcasts, 'tracked': self.n_tracked,
+                    'worker_busy': self._busy,
                     'sweep_points': self._sweep.n_points}
         self._diag_pub.publish(diagnostic_array(self, 'model', level, message,
                                                 {**values, **counters}))

@@ -1,0 +1,113 @@
+"""Frame-to-frame tracking: local refinement from the previous pose, with its own gates."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from neural_bone_reg.core import metrics, sim
+from neural_bone_reg.core.errors import InputError
+from neural_bone_reg.core.refine import constraint_ratio
+from neural_bone_reg.core.se3 import (apply_transform, invert_transform, make_transform,
+                                      random_rotations)
+
+
+def _small_motion(rng: np.random.Generator, angle_deg: float, shift_mm: float,
+                  centre: np.ndarray) -> np.ndarray:
+    """Return a rotation by ``angle_deg`` about ``centre`` followed by a ``shift_mm`` shift."""
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    rotation = Rotation.from_rotvec(np.radians(angle_deg) * axis).as_matrix()
+    return make_transform(rotation, centre - rotation @ centre + shift_mm * direction)
+
+
+@pytest.fixture(scope='module')
+def moved_cloud(phantom_mesh):
+    """Return a partial phantom cloud in a random robot frame and its true transform."""
+    rng = np.random.default_rng(21)
+    cloud = sim.simulate_partial_cloud(phantom_mesh, rng, n_points=2000)
+    pose = sim.random_pose(rng)  # bone -> robot
+    return apply_transform(pose, cloud), invert_transform(pose)
+
+
+def test_track_follows_a_small_motion(phantom_registrar, moved_cloud):
+    cloud, truth = moved_cloud
+    # The last frame's pose: 4 deg and 4 mm away.
+    prior = truth @ _small_motion(np.random.default_rng(1), 4.0, 4.0, cloud.mean(axis=0))
+    res = phantom_registrar.track(cloud, prior)
+    assert res.method == 'track'
+    assert res.accepted, res.summary()
+    assert np.isnan(res.ambiguity)
+    assert metrics.rre_deg(res.transform, truth) < 0.5
+    assert metrics.rte_mm(res.transform, truth, cloud) < 0.5
+    assert res.step_deg == pytest.approx(4.0, abs=0.5)
+    assert res.step_mm == pytest.approx(4.0, abs=0.5)
+
+
+def test_track_reports_a_jump_as_lost(phantom_registrar, moved_cloud):
+    cloud, truth = moved_cloud
+    prior = truth @ _small_motion(np.random.default_rng(2), 60.0, 30.0, cloud.mean(axis=0))
+    res = phantom_registrar.track(cloud, prior)
+    assert not res.accepted
+    # Either ICP cannot bridge the jump (poor fit) or it does and the step gate refuses it.
+    assert res.rejection_reasons, res.summary()
+
+
+def test_track_step_gate(phantom_registrar, moved_cloud):
+    cloud, truth = moved_cloud
+    tight = phantom_registrar.with_config(
+        replace(phantom_registrar.config, track_max_rotation_deg=1.0))
+    prior = truth @ _small_motion(np.random.default_rng(3), 4.0, 0.0, cloud.mean(axis=0))
+    res = tight.track(cloud, prior)
+    assert not res.accepted
+    assert any('tracking lost' in reason for reason in res.rejection_reasons), res.summary()
+
+
+def test_sliding_shaft_patch_is_under_constrained(phantom_registrar, phantom_mesh):
+    # A plain cylindrical stretch of the shaft: ICP can slide along and spin about its axis.
+    pts = np.asarray(phantom_mesh.sample(40_000, seed=3))
+    shaft = pts[(pts[:, 2] > 50) & (pts[:, 2] < 100)][:3000]
+    res = phantom_registrar.track(shaft, np.eye(4))
+    assert not res.accepted
+    assert any('under-constrained' in reason for reason in res.rejection_reasons), res.summary()
+    assert res.constraint < phantom_registrar.config.track_min_constraint
+
+
+def test_constraint_ratio_separates_a_cylinder_from_a_patch(phantom_registrar, moved_cloud):
+    cloud, truth = moved_cloud
+    surface = phantom_registrar.surface
+    rot, tr = truth[:3, :3], truth[:3, 3]
+    patch = constraint_ratio(surface, cloud, rot, tr, 3.0)
+    pts = surface.points
+    shaft = pts[(pts[:, 2] > 50) & (pts[:, 2] < 100)]
+    cylinder = constraint_ratio(surface, shaft, np.eye(3), np.zeros(3), 3.0)
+    assert 0.0 <= cylinder < 0.1 * patch <= 1.0
+    # Invariant to the frame the cloud comes in.
+    rotation = random_rotations(1, np.random.default_rng(4))[0]
+    offset = np.full(3, 50.0)
+    moved = cloud @ rotation.T + offset
+    again = constraint_ratio(surface, moved, rot @ rotation.T, tr - rot @ rotation.T @ offset, 3.0)
+    assert again == pytest.approx(patch, rel=1e-6)
+
+
+@pytest.mark.parametrize('prior, message', [
+    (np.eye(3), '4x4'),
+    (np.full((4, 4), np.nan), 'finite'),
+    (np.diag([2.0, 1.0, 1.0, 1.0]), 'rigid'),
+    (np.diag([-1.0, 1.0, 1.0, 1.0]), 'rigid'),
+])
+def test_bad_prior_raises(phantom_registrar, moved_cloud, prior, message):
+    with pytest.raises(InputError, match=message):
+        phantom_registrar.track(moved_cloud[0], prior)
+
+
+def test_global_result_reports_constraint(phantom_registrar, moved_cloud):
+    res = phantom_registrar.register(moved_cloud[0])
+    assert res.method == 'global'
+    assert res.constraint >= phantom_registrar.config.track_min_constraint  # informative only
+    assert res.summary()['constraint'] == res.constraint
