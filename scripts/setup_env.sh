@@ -12,7 +12,7 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" 'torch==2.13.0'
 "${PIP[@]}" numpy scipy trimesh rtree libigl manifold3d pyyaml tqdm matplotlib rosbags pytest \
     'ros-rclpy[fastrtps]' ros-sensor-msgs ros-geometry-msgs ros-std-msgs ros-std-srvs \
-    ros-diagnostic-msgs colcon-common-extensions
+    ros-diagnostic-msgs colcon-common-extensions flake8 flake8-quotes flake8-import-order
 "${PIP[@]}" --no-deps -e .
 
 # tf2_msgs is on no registry: generate it into the venv where it is missing.
