@@ -41,7 +41,8 @@ def generate_launch_description() -> LaunchDescription:
              "Parent frame of the broadcast transform; '' = each cloud's frame_id."),
         _arg('bone_frame', 'bone', 'Child frame of the broadcast transform (the mesh frame).'),
         _arg('device', 'auto', "Torch device: 'auto', 'cpu' or 'cuda'."),
-        _arg('mode', 'sweep', "'sweep' (accumulate a probe sweep) or 'single' (each cloud)."),
+        _arg('mode', 'sweep', "'sweep' (accumulate a probe sweep), 'single' (each cloud) or "
+             "'track' (register once, then follow frame to frame at video rate)."),
         _arg('use_sim_time', 'false', 'Use /clock (e.g. when replaying a bag with --clock).'),
         _arg('preop_params_file', PathJoinSubstitution([config, 'preop_loader.yaml']),
              'Parameter file of the preop loader.'),
