@@ -96,9 +96,14 @@ REGISTRATION_NODE_HEAD = """\
       # due, s. Range [0.0, 3600.0].
       max_wait_s: 2.0
     track:
-      # A frame stamped more than this after the last accepted one (or before it) is registered
-      # from scratch, not tracked, s. Range [0.001, 60.0].
-      max_gap_s: 0.5
+      # A frame stamped (or arriving) more than this after the last accepted one, or stamped
+      # before it, is registered from scratch, not tracked, s. Must exceed the time of one full
+      # registration, which the first tracked frame waits for. Range [0.001, 600.0].
+      max_gap_s: 5.0
+      # A track is re-anchored by a full registration (output pauses for its duration) once its
+      # last one is this old, so a slow drift along a weakly constrained direction cannot build
+      # up for long, s. Range [0.1, 3600.0].
+      max_age_s: 30.0
 """
 
 

@@ -247,8 +247,8 @@ class RegistrationConfig:
         _check(0.0 < self.track_max_translation_mm <= 1000.0,
                'registration.track_max_translation_mm must be in (0, 1000], '
                f'got {self.track_max_translation_mm}')
-        _check(0.0 <= self.track_min_constraint < 1.0,
-               'registration.track_min_constraint must be in [0, 1), '
+        _check(0.0 < self.track_min_constraint < 1.0,
+               'registration.track_min_constraint must be in (0, 1), '
                f'got {self.track_min_constraint}')
 
 

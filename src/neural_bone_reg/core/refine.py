@@ -10,6 +10,8 @@ from scipy.spatial.transform import Rotation
 
 #: Pairs farther apart than this many robust scales are ignored by ICP.
 ICP_REJECT_SCALES = 4.0
+#: Fewer surface pairs than this cannot determine a rigid motion (6 degrees of freedom).
+MIN_PAIRS = 6
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
             moved, workers=1,
             distance_upper_bound=ICP_REJECT_SCALES * robust_scale_mm + surface.spacing)
         valid = np.isfinite(dist)
-        if valid.sum() < 6:
+        if valid.sum() < MIN_PAIRS:
             return IcpResult(rotation, translation, iteration, False)
         q, s, n = moved[valid], surface.points[idx[valid]], surface.normals[idx[valid]]
         residual = np.einsum('ij,ij->i', q - s, n)
@@ -107,7 +109,7 @@ def constraint_ratio(surface: SurfaceModel, points: np.ndarray, rotation: np.nda
         moved, workers=1,
         distance_upper_bound=ICP_REJECT_SCALES * robust_scale_mm + surface.spacing)
     valid = np.isfinite(dist)
-    if valid.sum() < 6:
+    if valid.sum() < MIN_PAIRS:
         return 0.0
     q, s, n = moved[valid], surface.points[idx[valid]], surface.normals[idx[valid]]
     residual = np.einsum('ij,ij->i', q - s, n)

@@ -39,6 +39,8 @@ MAX_CLOUD_TO_BONE_EXTENT = 1.5
 ICP_POINTS = 3000
 #: How many distinct candidates are refined and compared for the ambiguity measure.
 REFINED_CANDIDATES = 3
+#: A prior whose 3x3 block is farther than this from orthonormal is not a rotation.
+PRIOR_ORTHONORMAL_TOLERANCE = 1e-4
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -314,7 +316,9 @@ class BoneRegistrar:
         residual, inlier_fraction = self._fit_quality(self.surface.distances(pts @ rot.T + tr))
         constraint = constraint_ratio(self.surface, icp_pts, rot, tr, cfg.robust_scale_mm)
         reasons = self._fit_reasons(residual, inlier_fraction)
-        if not constraint >= cfg.track_min_constraint:
+        if not icp.converged:
+            reasons.append(f'tracking ICP did not converge in {icp.iterations} iterations')
+        if not constraint >= cfg.track_min_constraint:  # written so that nan fails too
             reasons.append(f'under-constrained: the patch can slide or spin on the surface '
                            f'(constraint {constraint:.4f} < {cfg.track_min_constraint})')
         if step_deg > cfg.track_max_rotation_deg or step_mm > cfg.track_max_translation_mm:
@@ -418,7 +422,7 @@ def _check_prior(prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if prior.shape != (4, 4) or not np.all(np.isfinite(prior)):
         raise InputError(f'prior must be a finite 4x4 transform, got shape {prior.shape}')
     rotation = prior[:3, :3]
-    if (not np.allclose(rotation @ rotation.T, np.eye(3), atol=1e-4)
+    if (not np.allclose(rotation @ rotation.T, np.eye(3), atol=PRIOR_ORTHONORMAL_TOLERANCE)
             or np.linalg.det(rotation) <= 0.0):
         raise InputError('prior is not a rigid transform: its 3x3 block must be a rotation')
     return rotation, prior[:3, 3]

@@ -90,6 +90,9 @@ class _Track:
     frame_id: str
     bone_frame: str
     stamp_ns: int
+    received_monotonic: float
+    anchor_monotonic: float
+    """When the global registration this track started from was received."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ class RegistrationNode(Node):
         self._sweep_settle_s = self.get_parameter('sweep.settle_s').value
         self._sweep_max_wait_s = self.get_parameter('sweep.max_wait_s').value
         self._track_max_gap_s = self.get_parameter('track.max_gap_s').value
+        self._track_max_age_s = self.get_parameter('track.max_age_s').value
         self._sweep = self._make_sweep_buffer({})
         self.get_logger().info(
             f'mode={self._mode} device={self._device_name} preset={self._preset} '
@@ -131,7 +135,7 @@ class RegistrationNode(Node):
             f'{self._sweep_min_points} sweep.max_age_s={self._sweep.max_age_s} '
             f'sweep.voxel_mm={self._sweep.voxel_mm} sweep.max_points={self._sweep.max_points} '
             f'sweep.settle_s={self._sweep_settle_s} sweep.max_wait_s={self._sweep_max_wait_s} '
-            f'track.max_gap_s={self._track_max_gap_s}\n'
+            f'track.max_gap_s={self._track_max_gap_s} track.max_age_s={self._track_max_age_s}\n'
             + ros_params.format_configs(self._configs, ('registration',)))
 
         # State shared with the worker, guarded by _cond.
@@ -151,6 +155,9 @@ class RegistrationNode(Node):
         self._model_source = ''
         self._max_extent_mm = float('inf')
         self._track: _Track | None = None
+        # Bumped (under _cond) whenever the track must end: reset, mode, model or config
+        # change. A solve stores its pose as the new track only if the epoch did not move.
+        self._track_epoch = 0
         self._busy = False
         # Counters, read by tests and diagnostics.
         self.n_received = 0
@@ -243,10 +250,16 @@ class RegistrationNode(Node):
         declare(self, 'sweep.max_points', 60_000,
                 'Sweep mode: most points held; the oldest slices drop out beyond it.',
                 value_range=(100, 10_000_000))
-        declare(self, 'track.max_gap_s', 0.5,
-                'Track mode: a frame stamped more than this after the last accepted one (or '
-                'before it) is registered from scratch, not tracked, s.',
-                value_range=(0.001, 60.0))
+        declare(self, 'track.max_gap_s', 5.0,
+                'Track mode: a frame stamped (or arriving) more than this after the last '
+                'accepted one, or stamped before it, is registered from scratch, not tracked, '
+                's. Must exceed the time of one full registration, which the first tracked '
+                'frame waits for.', value_range=(0.001, 600.0))
+        declare(self, 'track.max_age_s', 30.0,
+                'Track mode: a track is re-anchored by a full registration (output pauses '
+                'for its duration) once its last one is this old, so a slow drift along a '
+                'weakly constrained direction cannot build up for long, s.',
+                value_range=(0.1, 3600.0))
         ros_params.declare_config_parameters(self, CONFIG_SECTIONS)
 
     def _checked_choice(self, name: str, choices: tuple[str, ...]) -> str:
@@ -285,14 +298,16 @@ class RegistrationNode(Node):
         with self._cond:
             if configs.registration != self._configs.registration:
                 self._pending_registration = configs.registration
+                self._end_track()  # the track's poses were accepted under the old gates
             self._configs = configs
             if sweep is not None:
                 self._sweep = sweep
                 self._sweep_dirty = False
             if changes.get('mode', self._mode) != self._mode:
-                self._track = None
+                self._end_track()
             self._mode = changes.get('mode', self._mode)
             self._track_max_gap_s = changes.get('track.max_gap_s', self._track_max_gap_s)
+            self._track_max_age_s = changes.get('track.max_age_s', self._track_max_age_s)
             self._robot_frame = changes.get('robot_frame', self._robot_frame)
             self._bone_frame_param = changes.get('bone_frame', self._bone_frame_param)
             self._max_cloud_points = changes.get('max_cloud_points', self._max_cloud_points)
@@ -407,7 +422,7 @@ class RegistrationNode(Node):
             self._sweep.clear()
             self._sweep_dirty = self._sweep_force = False
             self._pending = self._last_job = None
-            self._track = None
+            self._end_track()
         response.success = True
         response.message = f'cleared the sweep and queue ({dropped} points/clouds)'
         self.get_logger().info(response.message)
@@ -470,6 +485,8 @@ class RegistrationNode(Node):
             except _Cancelled:
                 return
             except Exception as exc:  # keep the worker alive whatever the core raises
+                with self._cond:
+                    self._end_track()
                 self.get_logger().error(f'worker error: {type(exc).__name__}: {exc}')
                 self._publish_diag('registration', ERROR,
                                    f'internal error: {type(exc).__name__}: {exc}')
@@ -525,7 +542,7 @@ class RegistrationNode(Node):
             self._max_extent_mm = max_extent_mm
             self._model_bone_frame = job.bone_frame
             self._model_source = job.source
-            self._track = None
+            self._end_track()
             if self._mode == 'sweep' and self._sweep.n_points >= self._sweep_min_points:
                 self._sweep_dirty = True
         message = f'model loaded from {job.source} in {time.monotonic() - started:.2f} s'
@@ -554,9 +571,13 @@ class RegistrationNode(Node):
         context = {'frame_id': job.frame_id, 'bone_frame': bone_frame,
                    'stamp': f'{stamp.sec}.{stamp.nanosec:09d}', 'n_points': len(job.points),
                    'n_slices': job.n_slices}
+        with self._cond:
+            epoch, track = self._track_epoch, self._usable_track(job, bone_frame)
         try:
-            result = self._track_or_register(registrar, job, bone_frame)
+            result = self._track_or_register(registrar, job, track)
         except InputError as exc:
+            with self._cond:
+                self._end_track()
             self.n_solves += 1
             self.n_rejected_inputs += 1
             message = f'input rejected, no transform broadcast: {exc}'
@@ -574,8 +595,9 @@ class RegistrationNode(Node):
                   'solve_time_s': float(getattr(result, 'time_s', float('nan')))}
         if method == 'track':
             values.update(step_deg=float(result.step_deg), step_mm=float(result.step_mm))
-        for key, seconds in dict(getattr(result, 'timings', {}) or {}).items():
-            values[f'time_{key}_s'] = float(seconds)
+        for key, value in dict(getattr(result, 'timings', {}) or {}).items():
+            # Durations end in _s; the rest (iteration counts, anchors) are published as is.
+            values[f'time_{key}' if key.endswith('_s') else key] = float(value)
         if result.accepted:
             t_cloud_bone = invert_transform(np.asarray(result.transform, dtype=np.float64))
             send_transforms(self._tf_broadcaster, [matrix_to_transform_stamped(
@@ -585,10 +607,13 @@ class RegistrationNode(Node):
             self.n_broadcasts += 1
             self.last_latency_s = time.monotonic() - job.received_monotonic
             values['latency_s'] = self.last_latency_s
-            if self._mode == 'track':
-                with self._cond:
+            with self._cond:
+                if self._mode == 'track' and self._track_epoch == epoch:
+                    anchor = (track.anchor_monotonic if method == 'track' and track
+                              else job.received_monotonic)
                     self._track = _Track(np.asarray(result.transform, dtype=np.float64),
-                                         job.frame_id, bone_frame, job.stamp_ns)
+                                         job.frame_id, bone_frame, job.stamp_ns,
+                                         job.received_monotonic, anchor)
             message = (f'accepted ({method}): {job.frame_id} -> {bone_frame} broadcast '
                        f'(residual {result.residual_mm:.2f} mm, inliers '
                        f'{result.inlier_fraction:.2f}, ambiguity {result.ambiguity:.2f})')
@@ -596,31 +621,57 @@ class RegistrationNode(Node):
             self._publish_diag('registration', OK, message, values)
         else:
             with self._cond:
-                self._track = None
+                self._end_track()
             reasons = '; '.join(result.rejection_reasons) or 'confidence gates not met'
             values['rejection_reasons'] = reasons
             message = f'rejected, no transform broadcast: {reasons}'
             self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
             self._publish_diag('registration', WARN, message, values)
 
-    def _track_or_register(self, registrar: Any, job: _Job, bone_frame: str) -> Any:
-        """Track ``job`` from the last accepted pose when it may be; else register it.
+    def _end_track(self) -> None:
+        """Forget the track and void any solve in flight (the caller holds _cond)."""
+        self._track = None
+        self._track_epoch += 1
 
-        A tracked frame that fails the gates is registered from scratch at once, so a lost
-        track costs one global solve and never a broadcast of the tracked pose.
+    def _usable_track(self, job: _Job, bone_frame: str) -> _Track | None:
+        """Return the track ``job`` may follow, or None (the caller holds _cond).
+
+        Same frames, stamped after the track and within track.max_gap_s of it (by stamp and
+        by arrival, so unstamped clouds cannot keep a track alive), and anchored by a full
+        registration less than track.max_age_s ago.
         """
-        with self._cond:
-            track = self._track if self._mode == 'track' else None
-            max_gap_ns = int(self._track_max_gap_s * 1e9)
-        if (track is not None and hasattr(registrar, 'track')
-                and track.frame_id == job.frame_id and track.bone_frame == bone_frame
-                and 0 <= job.stamp_ns - track.stamp_ns <= max_gap_ns):
-            result = registrar.track(job.points, track.transform)
-            if result.accepted:
+        track = self._track if self._mode == 'track' else None
+        if track is None:
+            return None
+        gap_ns = job.stamp_ns - track.stamp_ns
+        if (track.frame_id != job.frame_id or track.bone_frame != bone_frame
+                or not 0 <= gap_ns <= self._track_max_gap_s * 1e9
+                or job.received_monotonic - track.received_monotonic > self._track_max_gap_s
+                or job.received_monotonic - track.anchor_monotonic > self._track_max_age_s):
+            return None
+        return track
+
+    def _track_or_register(self, registrar: Any, job: _Job, track: _Track | None) -> Any:
+        """Track ``job`` from ``track`` when given; register it from scratch otherwise.
+
+        A tracked frame that fails the gates (or whose tracking raises anything but a bad-input
+        error) is registered from scratch at once, so a lost track costs one global solve and
+        never a broadcast of the tracked pose.
+        """
+        if track is not None and hasattr(registrar, 'track'):
+            try:
+                result = registrar.track(job.points, track.transform)
+            except InputError:
+                raise
+            except Exception as exc:  # any other failure to track means: register afresh
+                result = None
+                reasons = f'{type(exc).__name__}: {exc}'
+            else:
+                reasons = '; '.join(result.rejection_reasons)
+            if result is not None and result.accepted:
                 self.n_tracked += 1
                 return result
-            self.get_logger().info('tracking lost (' + '; '.join(result.rejection_reasons)
-                                   + '); registering from scratch',
+            self.get_logger().info(f'tracking lost ({reasons}); registering from scratch',
                                    throttle_duration_sec=LOG_THROTTLE_S)
         return registrar.register(job.points)
 
