@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 from scipy.spatial.transform import Rotation
+import torch
 
 from neural_bone_reg import BoneRegistrar
 from neural_bone_reg.cli.commands import bench_trial
@@ -115,7 +116,9 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({'args': {k: str(v) for k, v in vars(args).items()},
-                                         'rows': rows}, indent=2))
+                                         'torch': torch.__version__,
+                                         'threads': torch.get_num_threads(),
+                                         'device': str(reg.device), 'rows': rows}, indent=2))
     return 0
 
 
