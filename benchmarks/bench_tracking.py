@@ -57,9 +57,8 @@ def run_case(reg: BoneRegistrar, cloud: np.ndarray, args: argparse.Namespace,
                                                                      size=pick.shape)
         truth = invert_transform(robot_from_bone)
         tick = time.perf_counter()
-        res = reg.track(points, prior) if prior is not None else None
-        if res is None or not res.accepted:
-            res = reg.register(points)
+        tracked = reg.track(points, prior) if prior is not None else None
+        res = tracked if tracked is not None and tracked.accepted else reg.register(points)
         elapsed = time.perf_counter() - tick
         prior = res.transform if res.accepted else None
         rre = metrics.rre_deg(res.transform, truth)
@@ -67,7 +66,9 @@ def run_case(reg: BoneRegistrar, cloud: np.ndarray, args: argparse.Namespace,
         rows.append({'case': case, 'frame': frame, 'method': res.method,
                      'accepted': res.accepted, 'success': metrics.is_success(rre, rte),
                      'rre_deg': rre, 'rte_mm': rte, 'time_s': elapsed,
-                     'constraint': res.constraint, 'reasons': list(res.rejection_reasons)})
+                     'constraint': res.constraint, 'reasons': list(res.rejection_reasons),
+                     'lost_because': ([] if tracked is None or tracked.accepted
+                                      else list(tracked.rejection_reasons))})
     return rows
 
 
@@ -95,6 +96,8 @@ def main() -> int:
     parser.add_argument('--step-mm', type=float, default=0.5,
                         help='std of the per-frame shift along each axis, mm')
     parser.add_argument('--noise-mm', type=float, default=0.5)
+    parser.add_argument('--track-points', type=int, default=None,
+                        help='override registration.track_points')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='auto')
     parser.add_argument('--cache-dir')
@@ -107,8 +110,9 @@ def main() -> int:
                    and (not args.cases or p.stem in args.cases))
     rows = []
     for case in cases:
+        overrides = {'track_points': args.track_points} if args.track_points else {}
         reg = BoneRegistrar.from_mesh(args.data / f'{case}.stl', device=args.device,
-                                      cache_dir=args.cache_dir)
+                                      cache_dir=args.cache_dir, **overrides)
         case_rows = run_case(reg, load_cloud(args.data / f'{case}.xyz'), args, case)
         print(f'{case}: {_summary(case_rows)}', flush=True)
         rows += case_rows

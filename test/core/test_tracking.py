@@ -55,7 +55,7 @@ def test_track_reports_a_jump_as_lost(phantom_registrar, moved_cloud):
     res = phantom_registrar.track(cloud, prior)
     assert not res.accepted
     # Either ICP cannot bridge the jump (a poor fit) or it does and the step gate refuses it.
-    expected = ('tracking lost', 'residual', 'inlier', 'did not converge')
+    expected = ('tracking lost', 'residual', 'inlier', 'did not settle')
     assert any(word in reason for reason in res.rejection_reasons for word in expected), \
         res.summary()
 

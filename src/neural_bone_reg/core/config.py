@@ -151,7 +151,7 @@ class RegistrationConfig:
     Calibrated on real ultrasound: correct fits score 0.56-0.71 (up to 1 mm added noise), while
     a left femur's cloud on the right femur (a mirror image: the wrong-side error) scores 0.80.
     """
-    track_points: int = 2000
+    track_points: int = 1000
     """Tracking: points used by the frame-to-frame ICP (seeded subset); scoring uses all."""
     track_max_rotation_deg: float = 10.0
     """Tracking: a frame whose pose turned more than this from the previous pose is lost."""

@@ -58,6 +58,8 @@ class IcpResult:
     translation: np.ndarray
     iterations: int
     converged: bool
+    last_step_mm: float = float('inf')
+    """How far the last update moved the cloud (rotation measured at its radius), mm."""
 
 
 def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
@@ -78,7 +80,7 @@ def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
             distance_upper_bound=ICP_REJECT_SCALES * robust_scale_mm + surface.spacing)
         valid = np.isfinite(dist)
         if valid.sum() < MIN_PAIRS:
-            return IcpResult(rotation, translation, iteration, False)
+            return IcpResult(rotation, translation, iteration, False)  # last step: unknown
         q, s, n = moved[valid], surface.points[idx[valid]], surface.normals[idx[valid]]
         residual = np.einsum('ij,ij->i', q - s, n)
         weight = (robust_scale_mm ** 2 / (robust_scale_mm ** 2 + residual ** 2)) ** 2
@@ -89,9 +91,10 @@ def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
         delta_r = Rotation.from_rotvec(step[:3]).as_matrix()
         rotation = delta_r @ rotation
         translation = delta_r @ (translation - centre) + centre + step[3:]
-        if np.linalg.norm(step[:3]) * radius + np.linalg.norm(step[3:]) < tolerance_mm:
-            return IcpResult(rotation, translation, iteration, True)
-    return IcpResult(rotation, translation, max_iterations, False)
+        moved_mm = float(np.linalg.norm(step[:3]) * radius + np.linalg.norm(step[3:]))
+        if moved_mm < tolerance_mm:
+            return IcpResult(rotation, translation, iteration, True, moved_mm)
+    return IcpResult(rotation, translation, max_iterations, False, moved_mm)
 
 
 def constraint_ratio(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,

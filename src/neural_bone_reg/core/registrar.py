@@ -39,6 +39,9 @@ MAX_CLOUD_TO_BONE_EXTENT = 1.5
 ICP_POINTS = 3000
 #: How many distinct candidates are refined and compared for the ambiguity measure.
 REFINED_CANDIDATES = 3
+#: A tracked fit whose ICP still moves more than this per step (mm) has not settled; one that
+#: stops the iterations while creeping below it (noise-level jitter) is accepted.
+TRACK_MAX_LAST_STEP_MM = 0.1
 #: A prior whose 3x3 block is farther than this from orthonormal is not a rotation.
 PRIOR_ORTHONORMAL_TOLERANCE = 1e-4
 
@@ -316,8 +319,9 @@ class BoneRegistrar:
         residual, inlier_fraction = self._fit_quality(self.surface.distances(pts @ rot.T + tr))
         constraint = constraint_ratio(self.surface, icp_pts, rot, tr, cfg.robust_scale_mm)
         reasons = self._fit_reasons(residual, inlier_fraction)
-        if not icp.converged:
-            reasons.append(f'tracking ICP did not converge in {icp.iterations} iterations')
+        if not icp.last_step_mm <= TRACK_MAX_LAST_STEP_MM:  # inf: ICP lost the surface
+            reasons.append(f'tracking ICP did not settle: still moving '
+                           f'{icp.last_step_mm:.2f} mm per step after {icp.iterations} steps')
         if not constraint >= cfg.track_min_constraint:  # written so that nan fails too
             reasons.append(f'under-constrained: the patch can slide or spin on the surface '
                            f'(constraint {constraint:.4f} < {cfg.track_min_constraint})')
