@@ -108,6 +108,9 @@ def main() -> int:
     cases = sorted(p.stem for p in args.data.glob('*.stl')
                    if (args.data / f'{p.stem}.xyz').is_file()
                    and (not args.cases or p.stem in args.cases))
+    if not cases:
+        print(f'no NAME.stl + NAME.xyz pairs in {args.data}', file=sys.stderr)
+        return 1
     rows = []
     for case in cases:
         overrides = {'track_points': args.track_points} if args.track_points else {}

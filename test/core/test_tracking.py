@@ -49,6 +49,18 @@ def test_track_follows_a_small_motion(phantom_registrar, moved_cloud):
     assert res.step_mm == pytest.approx(4.0, abs=0.5)
 
 
+def test_tracking_does_not_depend_on_the_global_refinement_settings(phantom_registrar,
+                                                                    moved_cloud):
+    cloud, truth = moved_cloud
+    no_refine = phantom_registrar.with_config(
+        replace(phantom_registrar.config, refine=False, refine_iterations=0,
+                refine_tolerance_mm=5.0))
+    prior = truth @ _small_motion(np.random.default_rng(1), 4.0, 4.0, cloud.mean(axis=0))
+    res = no_refine.track(cloud, prior)
+    assert res.accepted, res.summary()
+    assert metrics.rre_deg(res.transform, truth) < 0.5
+
+
 def test_track_reports_a_jump_as_lost(phantom_registrar, moved_cloud):
     cloud, truth = moved_cloud
     prior = truth @ _small_motion(np.random.default_rng(2), 60.0, 30.0, cloud.mean(axis=0))

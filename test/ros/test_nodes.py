@@ -517,10 +517,11 @@ def test_track_ends_on_reset_mode_and_config_changes_and_stale_frames(
     node.use_registrar(scripted)
     assert node.wait_idle(MESSAGE_TIMEOUT_S)
     stamp = [1.0]
+    points = patch_points(n=300)
 
     def frame(step_s: float = 0.03) -> tuple[int, int]:
         stamp[0] += step_s
-        node.on_points(cloud(patch_points(n=300), stamp_ns=int(stamp[0] * 1e9)))
+        node.on_points(cloud(points, stamp_ns=int(stamp[0] * 1e9)))
         assert node.wait_idle(SOLVE_TIMEOUT_S)
         return len(scripted.calls), len(scripted.priors)
 
@@ -539,7 +540,16 @@ def test_track_ends_on_reset_mode_and_config_changes_and_stale_frames(
     assert node.set_parameters([Parameter('track.max_age_s', value=0.1)])[0].successful
     threading.Event().wait(0.2)
     assert frame() == (6, 4)  # the last full registration is too old: re-anchored
-    assert node.n_broadcasts == 10
+    assert node.set_parameters([Parameter('track.max_age_s', value=30.0),
+                                Parameter('track.max_gap_s', value=1.0)])[0].successful
+    assert frame() == (6, 5)
+    threading.Event().wait(1.2)
+    assert frame() == (7, 5)  # stamps 30 ms apart, but it arrived 1.2 s after the last one
+    assert frame() == (7, 6)
+    node.on_register_now(Trigger.Request(), Trigger.Response())
+    assert node.wait_idle(SOLVE_TIMEOUT_S)
+    assert (len(scripted.calls), len(scripted.priors)) == (8, 6)  # a full registration
+    assert node.n_broadcasts == 14
 
 
 def test_a_reset_during_a_solve_voids_its_track(ros_context: Any,

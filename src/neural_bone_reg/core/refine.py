@@ -73,6 +73,7 @@ def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
     rotation = np.array(rotation, dtype=np.float64)
     translation = np.array(translation, dtype=np.float64)
     radius = float(np.linalg.norm(points - points.mean(axis=0), axis=1).mean()) or 1.0
+    moved_mm = float('inf')
     for iteration in range(1, max_iterations + 1):
         moved = points @ rotation.T + translation
         dist, idx = surface.tree.query(

@@ -39,6 +39,10 @@ MAX_CLOUD_TO_BONE_EXTENT = 1.5
 ICP_POINTS = 3000
 #: How many distinct candidates are refined and compared for the ambiguity measure.
 REFINED_CANDIDATES = 3
+#: Tracking ICP: at most this many iterations, stopping once a step moves less than the
+#: tolerance (mm). Its own settings: tracking is ICP, whatever ``refine`` says for ``register``.
+TRACK_ICP_ITERATIONS = 30
+TRACK_ICP_TOLERANCE_MM = 0.01
 #: A tracked fit whose ICP still moves more than this per step (mm) has not settled; one that
 #: stops the iterations while creeping below it (noise-level jitter) is accepted.
 TRACK_MAX_LAST_STEP_MM = 0.1
@@ -296,9 +300,10 @@ class BoneRegistrar:
         The video-rate path after a global ``register``: no search, so it holds only while the
         bone moves less than ``track_max_rotation_deg`` and ``track_max_translation_mm``
         between frames. ``prior`` is the last accepted 4x4 (input frame to bone frame). The
-        result is accepted only if the residual, inlier and ``track_min_constraint`` gates pass
-        and the step from ``prior`` is within those bounds; otherwise the caller should fall
-        back to ``register``. Ambiguity is not measured (nan): continuity with an accepted pose
+        result is accepted only if the residual, inlier and ``track_min_constraint`` gates pass,
+        the ICP settled (its last step under ``TRACK_MAX_LAST_STEP_MM``) and the step from
+        ``prior`` is within those bounds; otherwise the caller should fall back to
+        ``register``. Ambiguity is not measured (nan): continuity with an accepted pose
         stands in for it.
         """
         start = time.perf_counter()
@@ -311,7 +316,7 @@ class BoneRegistrar:
         icp_pts = pts if len(pts) <= cfg.track_points else pts[
             rng.choice(len(pts), cfg.track_points, replace=False)]
         icp = refine_icp(self.surface, icp_pts, rot0, tr0, cfg.robust_scale_mm,
-                         cfg.refine_iterations, cfg.refine_tolerance_mm)
+                         TRACK_ICP_ITERATIONS, TRACK_ICP_TOLERANCE_MM)
         rot, tr = icp.rotation, icp.translation
         centroid = pts.mean(axis=0)
         step_deg = float(geodesic_deg(rot, rot0))

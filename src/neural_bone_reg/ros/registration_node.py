@@ -9,9 +9,11 @@ every rejected input is reported on /diagnostics with the reason.
 
 Modes: 'sweep' accumulates the slices of a probe sweep and registers the sweep; 'single'
 registers each cloud globally; 'track' registers the first cloud globally, then follows the
-bone from frame to frame by local refinement from the last accepted pose (video rate), and
-falls back to a global registration whenever a frame fails the gates, the frame or bone
-changes, or more than ``track.max_gap_s`` passes between frames.
+bone from frame to frame by local refinement from the last accepted pose (video rate). It
+registers globally again whenever a frame fails the gates, the frame or bone changes, a stamp
+goes backwards, more than ``track.max_gap_s`` passes between frames, the last global
+registration is older than ``track.max_age_s``, and after a reset, ``~/register_now``, or a
+mode, model or registration parameter change.
 
 Threading: the subscription callback only converts the cloud and stores it in a depth-1
 slot (modes 'single' and 'track') or in a bounded sweep buffer (mode 'sweep'); a worker thread
@@ -404,6 +406,7 @@ class RegistrationNode(Node):
                     response.success, response.message = False, 'no valid cloud received yet'
                 else:
                     self._pending = self._last_job
+                    self._end_track()  # track mode: a full registration, not a re-track
                     response.success = True
                     response.message = f'queued {len(self._last_job.points)} points'
             elif self._sweep.n_points == 0:
@@ -475,13 +478,14 @@ class RegistrationNode(Node):
                 model_job, self._model_job = self._model_job, None
                 new_registration, self._pending_registration = self._pending_registration, None
                 job = None if model_job or new_registration else self._take_job()
+                epoch = self._track_epoch  # with the job: a later reset or change voids it
             try:
                 if model_job is not None:
                     self._load_model(model_job)
                 elif new_registration is not None:
                     self._apply_registration_config(new_registration)
                 elif job is not None:
-                    self._solve(job)
+                    self._solve(job, epoch)
             except _Cancelled:
                 return
             except Exception as exc:  # keep the worker alive whatever the core raises
@@ -558,13 +562,14 @@ class RegistrationNode(Node):
         registrar = registrar.with_config(config)
         with self._cond:
             self._registrar = registrar
+            self._end_track()  # also voids a track set between the change and now
         self.get_logger().info('registration config applied:\n'
                                + ros_params.format_configs(self._configs, ('registration',)))
 
     def _bone_frame(self) -> str:
         return self._bone_frame_param or self._model_bone_frame or 'bone'
 
-    def _solve(self, job: _Job) -> None:
+    def _solve(self, job: _Job, epoch: int) -> None:
         registrar = self._registrar
         stamp = Time(nanoseconds=job.stamp_ns).to_msg()
         bone_frame = self._bone_frame()
@@ -572,7 +577,7 @@ class RegistrationNode(Node):
                    'stamp': f'{stamp.sec}.{stamp.nanosec:09d}', 'n_points': len(job.points),
                    'n_slices': job.n_slices}
         with self._cond:
-            epoch, track = self._track_epoch, self._usable_track(job, bone_frame)
+            track = self._usable_track(job, bone_frame) if self._track_epoch == epoch else None
         try:
             result = self._track_or_register(registrar, job, track)
         except InputError as exc:
