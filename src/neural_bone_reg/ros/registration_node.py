@@ -482,9 +482,9 @@ class RegistrationNode(Node):
             try:
                 if model_job is not None:
                     self._load_model(model_job)
-                elif new_registration is not None:
+                if new_registration is not None:  # also after a model load: not dropped
                     self._apply_registration_config(new_registration)
-                elif job is not None:
+                if job is not None:
                     self._solve(job, epoch)
             except _Cancelled:
                 return
