@@ -10,22 +10,19 @@ load affects them alike and the time ratios are meaningful. Uses the bench proto
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-from pathlib import Path
 import sys
 
+from bench_common import real_data_parser
 import numpy as np
 import torch
 
 from neural_bone_reg import BoneRegistrar
-from neural_bone_reg.cli.commands import bench_trial
+from neural_bone_reg.cli.commands import bench_cases, bench_trial
 from neural_bone_reg.core import metrics
 from neural_bone_reg.core.config import registration_preset
 from neural_bone_reg.core.io import load_cloud
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'ultrabones_hip'
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -34,22 +31,13 @@ def _mean(rows: list[dict], key: str) -> float:
 
 def main() -> int:
     """Run every preset and backend on the same trials; print times, errors and ratios."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--data', type=Path, default=DEFAULT_DATA)
+    parser = real_data_parser(__doc__, trials=1)
     parser.add_argument('--presets', nargs='+', default=['default', 'paper'])
     parser.add_argument('--backends', nargs='+', choices=('grid', 'neural'), default=None,
                         help="distance backends to compare (default: each preset's own)")
-    parser.add_argument('--trials', type=int, default=1)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--device', default='auto')
-    parser.add_argument('--cache-dir')
-    parser.add_argument('--cases', nargs='*')
-    parser.add_argument('--json', type=Path)
     args = parser.parse_args()
 
-    cases = sorted(p.stem for p in args.data.glob('*.stl')
-                   if (args.data / f'{p.stem}.xyz').is_file()
-                   and (not args.cases or p.stem in args.cases))
+    cases = bench_cases(args.data, args.cases)
     pairs = list(itertools.product(args.presets, args.backends or [None]))
     rows = []
     for case in cases:

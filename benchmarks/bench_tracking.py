@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 import sys
 import time
 
+from bench_common import real_data_parser
 import numpy as np
 from scipy.spatial.transform import Rotation
 import torch
 
 from neural_bone_reg import BoneRegistrar
-from neural_bone_reg.cli.commands import bench_trial
+from neural_bone_reg.cli.commands import bench_cases, bench_trial
 from neural_bone_reg.core import metrics
 from neural_bone_reg.core.io import load_cloud
 from neural_bone_reg.core.se3 import apply_transform, invert_transform, make_transform
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'ultrabones_hip'
 
 
 def _walk_step(rng: np.random.Generator, centre: np.ndarray, step_deg: float,
@@ -87,8 +85,7 @@ def _summary(rows: list[dict]) -> str:
 
 def main() -> int:
     """Track every case and print the figures."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--data', type=Path, default=DEFAULT_DATA)
+    parser = real_data_parser(__doc__)
     parser.add_argument('--frames', type=int, default=200)
     parser.add_argument('--frame-points', type=int, default=2000)
     parser.add_argument('--step-deg', type=float, default=0.5,
@@ -98,19 +95,9 @@ def main() -> int:
     parser.add_argument('--noise-mm', type=float, default=0.5)
     parser.add_argument('--track-points', type=int, default=None,
                         help='override registration.track_points')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--device', default='auto')
-    parser.add_argument('--cache-dir')
-    parser.add_argument('--cases', nargs='*')
-    parser.add_argument('--json', type=Path)
     args = parser.parse_args()
 
-    cases = sorted(p.stem for p in args.data.glob('*.stl')
-                   if (args.data / f'{p.stem}.xyz').is_file()
-                   and (not args.cases or p.stem in args.cases))
-    if not cases:
-        print(f'no NAME.stl + NAME.xyz pairs in {args.data}', file=sys.stderr)
-        return 1
+    cases = bench_cases(args.data, args.cases)
     rows = []
     for case in cases:
         overrides = {'track_points': args.track_points} if args.track_points else {}

@@ -9,32 +9,22 @@ by the bench protocol first. Prints how many wrong-bone registrations were accep
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 import sys
 
+from bench_common import real_data_parser
+
 from neural_bone_reg import BoneRegistrar
-from neural_bone_reg.cli.commands import bench_trial
+from neural_bone_reg.cli.commands import bench_cases, bench_trial
 from neural_bone_reg.core.errors import InputError
 from neural_bone_reg.core.io import load_cloud
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'ultrabones_hip'
 
 
 def main() -> int:
     """Register every cloud to every other bone and count acceptances."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--data', type=Path, default=DEFAULT_DATA)
-    parser.add_argument('--trials', type=int, default=3)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--device', default='auto')
-    parser.add_argument('--cache-dir')
-    parser.add_argument('--json', type=Path)
-    args = parser.parse_args()
+    args = real_data_parser(__doc__, trials=3).parse_args()
 
-    cases = sorted(p.stem for p in args.data.glob('*.stl')
-                   if (args.data / f'{p.stem}.xyz').is_file())
+    cases = bench_cases(args.data, args.cases)
     clouds = {case: load_cloud(args.data / f'{case}.xyz') for case in cases}
     rows = []
     for bone in cases:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 #: The bench protocol: translation length uniform in [0, this] mm.
 BENCH_MAX_TRANSLATION_MM = 100.0
@@ -114,6 +114,19 @@ def run_register(args: argparse.Namespace) -> int:
     return 0 if res.accepted else 1
 
 
+def bench_cases(data: Path, only: Sequence[str] | None = None) -> list[str]:
+    """Return the names of the ``NAME.stl`` + ``NAME.xyz`` pairs in ``data`` (those in ``only``).
+
+    Raises ValueError when there is none, naming the folder.
+    """
+    cases = sorted(p.stem for p in Path(data).glob('*.stl')
+                   if (Path(data) / f'{p.stem}.xyz').is_file() and (not only or p.stem in only))
+    if not cases:
+        raise ValueError(f'no NAME.stl + NAME.xyz pairs in {data}'
+                         + (f' among {sorted(only)}' if only else ''))
+    return cases
+
+
 def bench_trial(points: Any, seed: int, trial: int, noise_mm: float) -> tuple[Any, Any]:
     """Return the perturbed cloud of one trial and the ground truth that undoes it."""
     import numpy as np
@@ -145,11 +158,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from neural_bone_reg.core.se3 import apply_transform
 
     data = Path(args.data)
-    cases = sorted(p.stem for p in data.glob('*.stl') if (data / f'{p.stem}.xyz').is_file())
-    if args.cases:
-        cases = [c for c in cases if c in set(args.cases)]
-    if not cases:
-        raise ValueError(f'no NAME.stl + NAME.xyz pairs in {data}')
+    cases = bench_cases(data, args.cases)
     rows: list[dict[str, Any]] = []
     train_times = {}
     seed = args.seed if args.seed is not None else 0

@@ -62,6 +62,38 @@ class IcpResult:
     """How far the last update moved the cloud (rotation measured at its radius), mm."""
 
 
+@dataclass(frozen=True)
+class _Linearisation:
+    """Point-to-plane residuals of matched pairs and their Jacobian, at one pose."""
+
+    residual: np.ndarray
+    weight: np.ndarray
+    """Geman-McClure IRLS weights of the residuals."""
+    jacobian: np.ndarray
+    """d residual / d (omega, delta), rotations about ``centre`` (N, 6)."""
+    centre: np.ndarray
+    radius: float
+    """Mean distance of the matched points from ``centre``, mm."""
+
+
+def _linearise(surface: SurfaceModel, moved: np.ndarray,
+               robust_scale_mm: float) -> _Linearisation | None:
+    """Match ``moved`` points to the surface and linearise; None with too few pairs."""
+    dist, idx = surface.tree.query(
+        moved, workers=1,
+        distance_upper_bound=ICP_REJECT_SCALES * robust_scale_mm + surface.spacing)
+    valid = np.isfinite(dist)
+    if valid.sum() < MIN_PAIRS:
+        return None
+    q, s, n = moved[valid], surface.points[idx[valid]], surface.normals[idx[valid]]
+    residual = np.einsum('ij,ij->i', q - s, n)
+    weight = (robust_scale_mm ** 2 / (robust_scale_mm ** 2 + residual ** 2)) ** 2
+    centre = q.mean(axis=0)  # linearise about the centroid: well conditioned far from origin
+    radius = float(np.linalg.norm(q - centre, axis=1).mean()) or 1.0
+    return _Linearisation(residual, weight, np.hstack([np.cross(q - centre, n), n]), centre,
+                          radius)
+
+
 def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
                translation: np.ndarray, robust_scale_mm: float, max_iterations: int,
                tolerance_mm: float) -> IcpResult:
@@ -75,23 +107,15 @@ def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
     radius = float(np.linalg.norm(points - points.mean(axis=0), axis=1).mean()) or 1.0
     moved_mm = float('inf')
     for iteration in range(1, max_iterations + 1):
-        moved = points @ rotation.T + translation
-        dist, idx = surface.tree.query(
-            moved, workers=1,
-            distance_upper_bound=ICP_REJECT_SCALES * robust_scale_mm + surface.spacing)
-        valid = np.isfinite(dist)
-        if valid.sum() < MIN_PAIRS:
+        lin = _linearise(surface, points @ rotation.T + translation, robust_scale_mm)
+        if lin is None:
             return IcpResult(rotation, translation, iteration, False)  # last step: unknown
-        q, s, n = moved[valid], surface.points[idx[valid]], surface.normals[idx[valid]]
-        residual = np.einsum('ij,ij->i', q - s, n)
-        weight = (robust_scale_mm ** 2 / (robust_scale_mm ** 2 + residual ** 2)) ** 2
-        centre = q.mean(axis=0)  # linearise about the centroid: well conditioned far from origin
-        jac = np.hstack([np.cross(q - centre, n), n])  # d residual / d (omega, delta)
-        lhs = (jac * weight[:, None]).T @ jac + 1e-9 * np.eye(6)
-        step = np.linalg.solve(lhs, -(jac * weight[:, None]).T @ residual)
+        weighted = lin.jacobian * lin.weight[:, None]
+        lhs = weighted.T @ lin.jacobian + 1e-9 * np.eye(6)
+        step = np.linalg.solve(lhs, -weighted.T @ lin.residual)
         delta_r = Rotation.from_rotvec(step[:3]).as_matrix()
         rotation = delta_r @ rotation
-        translation = delta_r @ (translation - centre) + centre + step[3:]
+        translation = delta_r @ (translation - lin.centre) + lin.centre + step[3:]
         moved_mm = float(np.linalg.norm(step[:3]) * radius + np.linalg.norm(step[3:]))
         if moved_mm < tolerance_mm:
             return IcpResult(rotation, translation, iteration, True, moved_mm)
@@ -109,17 +133,9 @@ def constraint_ratio(surface: SurfaceModel, points: np.ndarray, rotation: np.nda
     the pose along it is not determined by the data. 0 when too few points touch the surface.
     """
     moved = np.asarray(points, dtype=np.float64) @ np.asarray(rotation).T + translation
-    dist, idx = surface.tree.query(
-        moved, workers=1,
-        distance_upper_bound=ICP_REJECT_SCALES * robust_scale_mm + surface.spacing)
-    valid = np.isfinite(dist)
-    if valid.sum() < MIN_PAIRS:
+    lin = _linearise(surface, moved, robust_scale_mm)
+    if lin is None:
         return 0.0
-    q, s, n = moved[valid], surface.points[idx[valid]], surface.normals[idx[valid]]
-    residual = np.einsum('ij,ij->i', q - s, n)
-    weight = (robust_scale_mm ** 2 / (robust_scale_mm ** 2 + residual ** 2)) ** 2
-    centre = q.mean(axis=0)
-    radius = float(np.linalg.norm(q - centre, axis=1).mean()) or 1.0
-    jac = np.hstack([np.cross(q - centre, n) / radius, n])
-    eig = np.linalg.eigvalsh((jac * weight[:, None]).T @ jac)
+    jac = lin.jacobian / np.array([lin.radius] * 3 + [1.0] * 3)
+    eig = np.linalg.eigvalsh((jac * lin.weight[:, None]).T @ jac)
     return float(max(eig[0], 0.0) / eig[-1]) if eig[-1] > 0.0 else 0.0

@@ -13,8 +13,10 @@ from typing import Iterable, Optional, Union
 
 from geometry_msgs.msg import TransformStamped
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, QoSProfile
 from tf2_msgs.msg import TFMessage
+
+from neural_bone_reg.ros.qos import reliable_qos
 
 try:  # Real ROS 2 installs have it; the PyPI wheels do not.
     import tf2_ros
@@ -23,19 +25,12 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 TF_TOPIC = '/tf'
 TF_STATIC_TOPIC = '/tf_static'
-
-
-def _reliable_qos(depth: int, durability: DurabilityPolicy) -> QoSProfile:
-    return QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST,
-                      reliability=ReliabilityPolicy.RELIABLE, durability=durability)
-
-
 #: tf2_ros's DynamicBroadcasterQoS and DynamicListenerQoS: keep last 100, reliable, volatile.
-DYNAMIC_BROADCASTER_QOS = DYNAMIC_LISTENER_QOS = _reliable_qos(100, DurabilityPolicy.VOLATILE)
+DYNAMIC_BROADCASTER_QOS = DYNAMIC_LISTENER_QOS = reliable_qos(100, DurabilityPolicy.VOLATILE)
 #: tf2_ros's StaticBroadcasterQoS: keep last 1, reliable, transient local (latched).
-STATIC_BROADCASTER_QOS = _reliable_qos(1, DurabilityPolicy.TRANSIENT_LOCAL)
+STATIC_BROADCASTER_QOS = reliable_qos(1, DurabilityPolicy.TRANSIENT_LOCAL)
 #: tf2_ros's StaticListenerQoS: keep last 100, reliable, transient local.
-STATIC_LISTENER_QOS = _reliable_qos(100, DurabilityPolicy.TRANSIENT_LOCAL)
+STATIC_LISTENER_QOS = reliable_qos(100, DurabilityPolicy.TRANSIENT_LOCAL)
 
 Transforms = Union[TransformStamped, Iterable[TransformStamped]]
 

@@ -1,0 +1,28 @@
+"""Command-line arguments the real-data benchmarks share (the bench protocol's cases)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+#: ../shared/data/ultrabones_hip beside the repository, as in CI.
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'ultrabones_hip'
+
+
+def real_data_parser(doc: str, trials: int | None = None) -> argparse.ArgumentParser:
+    """Return a parser with --data, --seed, --device, --cache-dir, --cases, --json.
+
+    ``doc`` is the script's docstring (its first line is the description); ``trials``, when
+    given, adds ``--trials`` with that default.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument('--data', type=Path, default=DEFAULT_DATA,
+                        help='folder of NAME.stl + NAME.xyz pairs (clouds in the mesh frame)')
+    if trials is not None:
+        parser.add_argument('--trials', type=int, default=trials)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--device', default='auto')
+    parser.add_argument('--cache-dir')
+    parser.add_argument('--cases', nargs='*', help='only these NAMEs')
+    parser.add_argument('--json', type=Path, help='write every row here')
+    return parser
