@@ -1,0 +1,59 @@
+"""Torch thread settings of the process: chosen once, deliberately, by each front end.
+
+A perception node shares its CPU with a whole robot stack. torch's default (one intra-op
+thread per core, busy-waiting OpenMP workers) collapses when another job holds a core, so the
+nodes, the CLI and the benchmarks set the pools here, at start-up, from their parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+LOG = logging.getLogger(__name__)
+
+#: 0 for a thread count means: choose automatically (see :func:`default_intra_op_threads`).
+AUTO = 0
+#: Never more intra-op threads than this by default: the solver's tensors are small, so more
+#: threads add synchronisation, not speed.
+MAX_DEFAULT_INTRA_OP_THREADS = 4
+#: Hard upper bound of either setting.
+MAX_THREADS = 256
+
+
+def default_intra_op_threads() -> int:
+    """Return the automatic intra-op thread count: the CPUs this process may use, at most 4."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        available = os.cpu_count() or 1
+    return max(1, min(available, MAX_DEFAULT_INTRA_OP_THREADS))
+
+
+def check_threads(intra_op: int, inter_op: int) -> None:
+    """Raise ValueError unless both counts are integers in [0, MAX_THREADS] (0 = auto)."""
+    for name, value in (('intra_op', intra_op), ('inter_op', inter_op)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_THREADS:
+            raise ValueError(f'threads.{name} must be an integer in [0, {MAX_THREADS}] '
+                             f'(0 = auto), got {value!r}')
+
+
+def configure_threads(intra_op: int = AUTO, inter_op: int = AUTO) -> tuple[int, int]:
+    """Set torch's intra-op and inter-op pools; return the counts in use.
+
+    ``inter_op`` can only be set before torch runs its first parallel region; a later call
+    keeps the current inter-op pool and says so in the log. Call it at start-up.
+    """
+    import torch
+
+    check_threads(intra_op, inter_op)
+    intra = intra_op or default_intra_op_threads()
+    if torch.get_num_threads() != intra:
+        torch.set_num_threads(intra)
+    inter = inter_op or 1  # the solver runs one graph at a time: no inter-op parallelism
+    if torch.get_num_interop_threads() != inter:
+        try:
+            torch.set_num_interop_threads(inter)
+        except RuntimeError as exc:  # torch allows this once, before parallel work started
+            LOG.info('keeping %d inter-op threads: %s', torch.get_num_interop_threads(), exc)
+    return torch.get_num_threads(), torch.get_num_interop_threads()
