@@ -8,7 +8,10 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): setup.py setup.cfg package.xml scripts/setup_env.sh scripts/gen_tf2_msgs.sh
+# launch/ and config/ are folders: adding or removing a file there re-lays the venv's share/
+# (the installed files are links, so edits to them are live without a new setup).
+$(STAMP): setup.py setup.cfg package.xml scripts/setup_env.sh scripts/gen_tf2_msgs.sh \
+		scripts/install_ament_layout.py launch config
 	VENV=$(VENV) bash scripts/setup_env.sh
 	touch $(STAMP)
 
