@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from rclpy.qos import DurabilityPolicy, ReliabilityPolicy
 from scipy.spatial.transform import Rotation
+from tf2_msgs.msg import TFMessage
 
 from neural_bone_reg.ros.conversions import (
     matrix_to_transform_stamped, transform_stamped_to_matrix)
 from neural_bone_reg.ros.tf_compat import (
-    make_static_tf_broadcaster, make_tf_broadcaster, send_transforms, TF_STATIC_TOPIC,
-    TF_TOPIC, TfWaiter)
+    make_static_tf_broadcaster, make_tf_broadcaster, send_transforms, STATIC_LISTENER_QOS,
+    StaticTfBroadcaster, TF_STATIC_TOPIC, TF_TOPIC, TfBroadcaster, TfWaiter)
 
 #: The official type hash of tf2_msgs/msg/TFMessage (ros2/geometry2); real listeners need it.
 TF_MESSAGE_HASH = 'RIHS01_e369d0f05a23ae52508854b66f6aa0437f3449d652e8cbf22d5abe85d020f087'
@@ -30,6 +31,11 @@ def _pose(seed):
     transform[:3, :3] = Rotation.random(random_state=seed).as_matrix()
     transform[:3, 3] = np.random.default_rng(seed).uniform(-1.0, 1.0, 3)
     return transform
+
+
+def _static(seed, child):
+    """Return the static transform robot_base -> child of pose ``seed``."""
+    return matrix_to_transform_stamped(_pose(seed), 'robot_base', child, 0)
 
 
 def _wait_until(predicate, timeout_s=RECEIVE_TIMEOUT_S):
@@ -91,23 +97,48 @@ def test_dynamic_transform_reaches_another_node(make_node):
 
 
 def test_static_transforms_reach_late_joiners(make_node):
+    # Only what every tf2_ros_py version does: each send latches all child frames sent so far.
     broadcaster = make_static_tf_broadcaster(make_node('static_sender'))
-    first = matrix_to_transform_stamped(_pose(1), 'robot_base', 'bone_truth', 0)
-    second = matrix_to_transform_stamped(_pose(2), 'robot_base', 'probe', 0)
-    replaced = matrix_to_transform_stamped(_pose(3), 'robot_base', 'bone_truth', 0)
-    send_transforms(broadcaster, first)
-    send_transforms(broadcaster, [second])
-    send_transforms(broadcaster, replaced)
+    send_transforms(broadcaster, _static(1, 'bone_truth'))
+    send_transforms(broadcaster, [_static(2, 'probe')])
 
     # Created after all sends: only the latched (transient local, depth 1) message can reach it.
     late = make_node('late_joiner')
+    received = []
+    late.create_subscription(TFMessage, TF_STATIC_TOPIC, received.append, STATIC_LISTENER_QOS)
     truth = TfWaiter(late, 'robot_base', 'bone_truth')
     probe = TfWaiter(late, 'robot_base', 'probe')
 
     np.testing.assert_allclose(
-        transform_stamped_to_matrix(truth.wait(RECEIVE_TIMEOUT_S)), _pose(3), atol=1e-12)
+        transform_stamped_to_matrix(truth.wait(RECEIVE_TIMEOUT_S)), _pose(1), atol=1e-12)
     np.testing.assert_allclose(
         transform_stamped_to_matrix(probe.wait(RECEIVE_TIMEOUT_S)), _pose(2), atol=1e-12)
+    assert _wait_until(lambda: received)
+    assert sorted(t.child_frame_id for t in received[-1].transforms) == ['bone_truth', 'probe']
+
+
+def test_fallback_static_broadcaster_keeps_the_first_transform_per_child(make_node):
+    # Kilted's tf2_ros_py (geometry2 #634) ignores a later transform for a child frame already
+    # sent; the fallback does the same. (Rolling replaces it since geometry2 #820.)
+    broadcaster = StaticTfBroadcaster(make_node('fallback_static_sender'))
+    broadcaster.send_transform(_static(1, 'bone_truth'))
+    broadcaster.sendTransform([_static(2, 'probe'), _static(3, 'bone_truth')])
+
+    late = make_node('fallback_late_joiner')
+    received = []
+    late.create_subscription(TFMessage, TF_STATIC_TOPIC, received.append, STATIC_LISTENER_QOS)
+
+    assert _wait_until(lambda: received)
+    latched = {t.child_frame_id: transform_stamped_to_matrix(t) for t in received[-1].transforms}
+    assert sorted(latched) == ['bone_truth', 'probe']
+    np.testing.assert_allclose(latched['bone_truth'], _pose(1), atol=1e-12)
+    np.testing.assert_allclose(latched['probe'], _pose(2), atol=1e-12)
+
+
+def test_fallback_broadcasters_offer_tf2_ros_names():
+    # Code written against tf2_ros (sendTransform) runs unchanged on the fallback.
+    assert TfBroadcaster.sendTransform is TfBroadcaster.send_transform
+    assert StaticTfBroadcaster.sendTransform is StaticTfBroadcaster.send_transform
 
 
 def test_waiter_ignores_other_frames_and_times_out(make_node, ros_executor):

@@ -1,8 +1,9 @@
 """tf broadcasting and a minimal tf wait that work with or without tf2_ros.
 
 tf2_ros is not on PyPI, so where it is missing the broadcasters here publish
-``tf2_msgs/TFMessage`` themselves, on the same topics and with the same QoS as tf2_ros, so that
-real tf2 listeners (rviz, MoveIt, ``tf2_echo``) receive them unchanged. Use
+``tf2_msgs/TFMessage`` themselves, on the same topics, with the same QoS and the same
+semantics as tf2_ros_py of ROS 2 Kilted, the distribution this package targets, so that real
+tf2 listeners (rviz, MoveIt, ``tf2_echo``) receive them unchanged. Use
 :func:`send_transforms` to send through either kind.
 """
 
@@ -51,12 +52,19 @@ class TfBroadcaster:
         """Publish one transform or several in one TFMessage."""
         self._publisher.publish(TFMessage(transforms=_as_list(transforms)))
 
+    sendTransform = send_transform  # noqa: N815 - tf2_ros's name, so callers need not care
+
 
 class StaticTfBroadcaster:
-    """Latch transforms on ``/tf_static`` as ``tf2_ros.StaticTransformBroadcaster`` does.
+    """Latch transforms on ``/tf_static`` as Kilted's ``tf2_ros.StaticTransformBroadcaster``.
 
     With depth 1 only the last message is kept for late joiners, so every message carries all
-    static transforms sent so far, the newest one per child frame.
+    static transforms sent so far, one per child frame. As in tf2_ros_py since geometry2 #634
+    (Jazzy, Kilted), the *first* transform sent for a child frame is kept and later ones for
+    that child frame are ignored: static transforms are immutable (geometry2 #704, #705).
+    Rolling's tf2_ros_py replaces them instead since #820 (August 2025, after Kilted branched).
+    Code that must run on either sends each child frame once, and puts transforms that change
+    on ``/tf``.
     """
 
     def __init__(self, node: Node, qos: QoSProfile = STATIC_BROADCASTER_QOS) -> None:
@@ -64,10 +72,15 @@ class StaticTfBroadcaster:
         self._by_child: dict[str, TransformStamped] = {}
 
     def send_transform(self, transforms: Transforms) -> None:
-        """Add or replace transforms (by child frame) and publish all of them."""
+        """Add transforms for child frames not sent before; publish all static transforms.
+
+        A transform for a child frame already sent is ignored, as tf2_ros_py does in Kilted.
+        """
         for transform in _as_list(transforms):
-            self._by_child[transform.child_frame_id] = transform
+            self._by_child.setdefault(transform.child_frame_id, transform)
         self._publisher.publish(TFMessage(transforms=list(self._by_child.values())))
+
+    sendTransform = send_transform  # noqa: N815 - tf2_ros's name, so callers need not care
 
 
 def make_tf_broadcaster(node: Node):
