@@ -17,10 +17,16 @@ is logged, published on /diagnostics at ERROR level, and the node stays up.
 
 ``mesh_path`` is required; the literal value ``phantom`` selects the package's embedded
 phantom proximal femur (written once into ``cache_dir``), for demos and tests.
+
+Each configure starts a worker of a new *generation*; cleanup, shutdown and destruction end the
+current one. A worker that did not stop within ``WORKER_JOIN_TIMEOUT_S`` (a checkpoint load or
+an exact-distance pass does not check for cancellation) is abandoned: when it finishes, its
+generation is no longer current, so it publishes nothing and changes no status.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any
@@ -82,7 +88,9 @@ class PreopLoader(LifecycleNode):
             WARN, 'starting: not configured yet', {})
         self._diag_timer = self.create_timer(DIAGNOSTICS_PERIOD_S, self.on_diagnostics_timer)
         self._lock = threading.Lock()
-        self._cancel = threading.Event()
+        #: Bumped (under the lock) by every configure and every stop; a worker whose generation
+        #: is not the current one is stale and must not publish or report.
+        self._generation = 0
         self._worker: threading.Thread | None = None
         self._model_pub = None
         self._surface_pub = None
@@ -118,14 +126,16 @@ class PreopLoader(LifecycleNode):
             f'mesh_path={mesh_path} bone_frame={bone_frame} cache_dir={cache_dir} '
             f'device={device}\n' + ros_params.format_configs(configs, CONFIG_SECTIONS))
         self.failure = None
-        self._cancel.clear()
         self._model_pub = self.create_lifecycle_publisher(String, 'model', LATCHED_QOS)
         self._surface_pub = self.create_lifecycle_publisher(PointCloud2, 'bone_surface',
                                                             LATCHED_QOS)
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
         self._worker = threading.Thread(
-            target=self._prepare_model, name='preop_worker', daemon=True,
-            args=(mesh_path, cache_dir, None if device == 'auto' else device, bone_frame,
-                  configs))
+            target=self._prepare_model, name=f'preop_worker_{generation}', daemon=True,
+            args=(generation, mesh_path, cache_dir, None if device == 'auto' else device,
+                  bone_frame, configs))
         self._worker.start()
         return super().on_configure(state)
 
@@ -164,23 +174,33 @@ class PreopLoader(LifecycleNode):
     # ----------------------------------------------------------------- worker
 
     def _stop_worker(self) -> None:
-        self._cancel.set()
-        if self._worker is not None and self._worker.is_alive():
-            self._worker.join(WORKER_JOIN_TIMEOUT_S)
-        self._worker = None
+        """End the current worker's generation, then give it WORKER_JOIN_TIMEOUT_S to return."""
+        with self._lock:
+            self._generation += 1
+        worker, self._worker = self._worker, None
+        if worker is not None and worker.is_alive():
+            worker.join(WORKER_JOIN_TIMEOUT_S)
+            if worker.is_alive():
+                self.get_logger().warning(
+                    f'the model worker did not stop within {WORKER_JOIN_TIMEOUT_S} s; it is '
+                    'abandoned, and its result will be dropped')
 
-    def _on_progress(self, step: int, total: int, loss: float) -> None:
-        if self._cancel.is_set():
+    def _is_current(self, generation: int) -> bool:
+        return generation == self._generation
+
+    def _on_progress(self, generation: int, step: int, total: int, loss: float) -> None:
+        if not self._is_current(generation):
             raise _Cancelled()
         now = time.monotonic()
         if now - self._last_progress >= PROGRESS_PERIOD_S or step >= total:
             self._last_progress = now
             message = f'training the bone distance field: step {step}/{total}, loss {loss:.4g}'
             self.get_logger().info(message)
-            self._set_status(OK, message, {'step': step, 'total': total, 'loss': loss})
+            self._set_status(OK, message, {'step': step, 'total': total, 'loss': loss},
+                             generation=generation)
 
-    def _prepare_model(self, mesh_path: str, cache_dir: str | None, device: str | None,
-                       bone_frame: str, configs: Any) -> None:
+    def _prepare_model(self, generation: int, mesh_path: str, cache_dir: str | None,
+                       device: str | None, bone_frame: str, configs: Any) -> None:
         from neural_bone_reg import BoneRegistrar
         from neural_bone_reg.core import sim
 
@@ -189,16 +209,18 @@ class PreopLoader(LifecycleNode):
             if mesh_path == PHANTOM:
                 mesh_path = str(sim.phantom_mesh_path(cache_dir))
             self._set_status(WARN, f'preparing the bone model from {mesh_path}',
-                             {'mesh_path': mesh_path})
-            registrar = BoneRegistrar.from_mesh(mesh_path, device=device, cache_dir=cache_dir,
-                                                configs=configs, progress=self._on_progress)
+                             {'mesh_path': mesh_path}, generation=generation)
+            registrar = BoneRegistrar.from_mesh(
+                mesh_path, device=device, cache_dir=cache_dir, configs=configs,
+                progress=functools.partial(self._on_progress, generation))
         except _Cancelled:
             self.get_logger().info('model preparation cancelled')
             return
         except (InputError, CheckpointError, OSError, ValueError, RuntimeError) as exc:
             kind = ('corrupt or foreign checkpoint' if isinstance(exc, CheckpointError)
                     else 'unusable mesh' if isinstance(exc, InputError) else 'error')
-            self._fail(f'cannot prepare the bone model from {mesh_path} ({kind}): {exc}')
+            self._fail(f'cannot prepare the bone model from {mesh_path} ({kind}): {exc}',
+                       generation=generation)
             return
         info = ModelInfo(checkpoint=str(registrar.checkpoint_path.resolve()),
                          sha256=registrar.geometry_sha256, bone_frame=bone_frame)
@@ -206,32 +228,43 @@ class PreopLoader(LifecycleNode):
         # Published in metres (REP 103), like every cloud and tf of the package.
         surface = xyz_to_cloud(registrar.surface_points, bone_frame, Time().to_msg())
         with self._lock:
-            if self._cancel.is_set():
+            if not self._is_current(generation):
+                self.get_logger().info(
+                    f'dropping the model of an abandoned worker ({info.checkpoint}): the node '
+                    'was cleaned up or reconfigured while it ran')
                 return
             self.model_info = info
             self._model_msg = String(data=encode_model_info(info))
             self._surface_msg = surface
             self._publish_model_locked()
+            self.ready.set()
         message = (f'bone model ready in {time.monotonic() - started:.1f} s: '
                    f'{info.checkpoint} ({len(registrar.surface_points)} surface points)')
         self.get_logger().info(message)
         self._set_status(OK, message, {'checkpoint': info.checkpoint, 'mesh_sha256': info.sha256,
-                                       'bone_frame': bone_frame})
-        self.ready.set()
+                                       'bone_frame': bone_frame}, generation=generation)
 
     def _publish_model_locked(self) -> None:
         if self._active and self._model_msg is not None:
             self._model_pub.publish(self._model_msg)
             self._surface_pub.publish(self._surface_msg)
 
-    def _fail(self, message: str) -> None:
-        self.failure = message
+    def _fail(self, message: str, generation: int | None = None) -> None:
+        """Record and report a failure; a stale worker's (``generation``) is dropped."""
+        with self._lock:
+            if generation is not None and not self._is_current(generation):
+                return
+            self.failure = message
         self.get_logger().error(message)
-        self._set_status(ERROR, message)
+        self._set_status(ERROR, message, generation=generation)
 
-    def _set_status(self, level: bytes, message: str,
-                    values: dict[str, Any] | None = None) -> None:
-        self._model_status = (level, message, dict(values or {}))
+    def _set_status(self, level: bytes, message: str, values: dict[str, Any] | None = None,
+                    generation: int | None = None) -> None:
+        """Set the model status and publish it; a stale worker's (``generation``) is dropped."""
+        with self._lock:
+            if generation is not None and not self._is_current(generation):
+                return
+            self._model_status = (level, message, dict(values or {}))
         self.on_diagnostics_timer()
 
     def on_diagnostics_timer(self) -> None:
