@@ -90,3 +90,49 @@ def geodesic_deg(rot_a: np.ndarray, rot_b: np.ndarray) -> np.ndarray:
     rel = np.einsum('...ij,...kj->...ik', rot_a, rot_b)
     cos = (np.trace(rel, axis1=-2, axis2=-1) - 1.0) / 2.0
     return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+
+
+def _skew(vector: np.ndarray) -> np.ndarray:
+    """Return the cross-product matrix (3, 3) of a 3-vector."""
+    x, y, z = vector
+    return np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+
+
+def _se3_v(phi: np.ndarray) -> np.ndarray:
+    """Return the V matrix (3, 3) of SE(3)'s exponential, ``t = V rho``, at rotation ``phi``."""
+    theta2 = float(phi @ phi)
+    skew = _skew(phi)
+    if theta2 < SMALL_ANGLE_RAD ** 2:  # Taylor: I + K/2 + K^2/6
+        return np.eye(3) + 0.5 * skew + skew @ skew / 6.0
+    theta = np.sqrt(theta2)
+    return (np.eye(3) + (1.0 - np.cos(theta)) / theta2 * skew
+            + (theta - np.sin(theta)) / (theta2 * theta) * (skew @ skew))
+
+
+def se3_exp(delta: np.ndarray) -> np.ndarray:
+    """Return the 4x4 rigid transform ``exp(delta)`` of a twist (6,) = (tx, ty, tz, rx, ry, rz).
+
+    The translation part ``rho`` is in mm (the unit of the points), the rotation part ``phi``
+    an axis-angle vector in rad: ``R = exp([phi]x)``, ``t = V(phi) rho``. As a pose error it is
+    applied on the left, ``T_true = se3_exp(delta) @ T_estimate``, so ``delta`` is expressed in
+    the frame the transforms map into (the bone frame for a registration).
+    """
+    delta = np.asarray(delta, dtype=np.float64)
+    if delta.shape != (6,) or not np.all(np.isfinite(delta)):
+        raise ValueError(f'delta must be a finite (6,) vector (tx, ty, tz, rx, ry, rz), '
+                         f'got shape {delta.shape}')
+    rho, phi = delta[:3], delta[3:]
+    return make_transform(Rotation.from_rotvec(phi).as_matrix(), _se3_v(phi) @ rho)
+
+
+def se3_log(transform: np.ndarray) -> np.ndarray:
+    """Return the twist (6,) = (tx, ty, tz in mm, rx, ry, rz in rad) with ``se3_exp`` = T.
+
+    The inverse of ``se3_exp`` for rotations below pi (at pi the axis sign is arbitrary).
+    """
+    transform = np.asarray(transform, dtype=np.float64)
+    if transform.shape != (4, 4) or not np.all(np.isfinite(transform)):
+        raise ValueError(f'transform must be a finite 4x4 matrix, got shape {transform.shape}')
+    phi = Rotation.from_matrix(transform[:3, :3]).as_rotvec()
+    rho = np.linalg.solve(_se3_v(phi), transform[:3, 3])
+    return np.concatenate([rho, phi])
