@@ -59,20 +59,36 @@ def test_bench_writes_summary_and_plot(tmp_path, phantom_path, phantom_mesh, cac
     assert 'overall' in capsys.readouterr().out
 
 
-def test_bench_trials_are_seeded_and_follow_the_protocol(phantom_mesh):
-    from neural_bone_reg.cli.commands import bench_trial
-    from neural_bone_reg.core.se3 import rotation_angle_deg
-
-    cloud = sim.simulate_partial_cloud(phantom_mesh, np.random.default_rng(0), n_points=500)
-    moved_a, truth_a = bench_trial(cloud, 5, 1, 0.0)
-    moved_b, truth_b = bench_trial(cloud, 5, 1, 0.0)
-    np.testing.assert_array_equal(moved_a, moved_b)
-    np.testing.assert_allclose(apply_transform(truth_a, moved_a), cloud, atol=1e-9)
-    shifts = [np.linalg.norm(bench_trial(cloud, 5, k, 0.0)[0].mean(0) - cloud.mean(0))
-              for k in range(20)]
-    assert max(shifts) <= 100.0 and min(shifts) >= 0.0
-    angles = [rotation_angle_deg(bench_trial(cloud, 5, k, 0.0)[1][:3, :3]) for k in range(20)]
-    assert max(angles) > 90.0  # rotations span SO(3), not a small perturbation
+def test_bench_patch_json_has_floors_misses_and_coverage(tmp_path, phantom_path, phantom_mesh,
+                                                         cache_dir, small_config_yaml, capsys):
+    data = tmp_path / 'data'
+    data.mkdir()
+    (data / 'phantom.stl').write_bytes(phantom_path.read_bytes())
+    cloud = sim.simulate_partial_cloud(phantom_mesh, np.random.default_rng(4))
+    np.savetxt(data / 'phantom.xyz', cloud)
+    out_json = tmp_path / 'patch.json'
+    code = main(['bench', '--data', str(data), '--trials', '2', '--seed', '1',
+                 '--patch-mm', '50', '--noise-mm', '0.5', '--json', str(out_json),
+                 '--cache-dir', str(cache_dir), '--config', str(small_config_yaml),
+                 '--preset', 'fast', '--device', 'cpu'])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert 'misses' in out and 'phantom floor' in out
+    record = json.loads(out_json.read_text())
+    assert record['protocol']['patch_mm'] == 50.0 and record['protocol']['noise_mm'] == 0.5
+    floor = record['floors']['phantom']
+    assert floor['rre_deg'] < 2.0 and floor['rte_mm'] < 2.0
+    for summary in (record['summary'], record['per_case']['phantom']):
+        assert set(summary) >= {'accepted_correct', 'correct_rejected', 'wrong_accepted',
+                                'search_misses', 'coverage_trial_floor',
+                                'coverage_case_floor', 'bound_median_mm'}
+        assert summary['trials'] == 2
+    for row in record['trials']:
+        assert 100 <= row['n_points'] < len(cloud)
+        assert {'floor_rre_deg', 'floor_rte_mm', 'search_miss', 'same_optimum',
+                'mahalanobis2_trial_floor', 'inside95_case_floor'} <= set(row)
+        # A small patch can slide on the surface: its floor is what the data allows, not zero.
+        assert np.isfinite(row['floor_rre_deg']) and np.isfinite(row['floor_rte_mm'])
 
 
 def test_cli_errors_exit_2(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""``train-udf``, ``register`` and ``bench``: thin front ends of the core."""
+"""``train-udf``, ``register`` and ``bench``: thin front ends of the core (``core.bench``)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,19 @@ import argparse
 import json
 from pathlib import Path
 import sys
-from typing import Any, Sequence
+from typing import Any
 
-#: The bench protocol: translation length uniform in [0, this] mm.
-BENCH_MAX_TRANSLATION_MM = 100.0
-#: Seed index of the untimed warm-up registration, outside the trial range.
-WARMUP_TRIAL = 2 ** 31 - 1
+#: Re-exported from ``core.bench`` for the scripts that import them from here; loaded on first
+#: use so that building the CLI parser does not import numpy and torch.
+_BENCH_EXPORTS = ('BENCH_MAX_TRANSLATION_MM', 'WARMUP_TRIAL', 'bench_cases', 'bench_trial',
+                  'run_trial')
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BENCH_EXPORTS:
+        from neural_bone_reg.core import bench
+        return getattr(bench, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -46,12 +53,18 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         'bench', help='benchmark on NAME.stl + NAME.xyz pairs (cloud already in the mesh frame)',
         description='For trial k of each case, the cloud is rotated about its centroid by a '
                     'rotation uniform on SO(3) and translated by a vector of length uniform in '
-                    '[0, 100] mm, both seeded by (seed, k); the registration must undo it.')
+                    '[0, 100] mm, both seeded by (seed, k); the registration must undo it. '
+                    'With --patch-mm R only the points within R mm of a seeded point of the '
+                    'cloud are kept first. Each case and trial is compared with its floor '
+                    '(robust ICP started at the truth).')
     bench.add_argument('--data', required=True, help='folder of NAME.stl + NAME.xyz pairs')
     bench.add_argument('--trials', type=int, default=10, help='trials per case')
     bench.add_argument('--cases', nargs='*', help='only these case names')
     bench.add_argument('--noise-mm', type=float, default=0.0,
                        help='extra gaussian noise sigma added to the cloud, in mm')
+    bench.add_argument('--patch-mm', type=float, default=0.0,
+                       help='keep only the points within this radius (mm) of a seeded point '
+                            'of the cloud (0: the whole cloud)')
     bench.add_argument('--json', help='write results JSON here')
     bench.add_argument('--plot', help='write a PNG plot here')
     _add_common(bench)
@@ -114,35 +127,39 @@ def run_register(args: argparse.Namespace) -> int:
     return 0 if res.accepted else 1
 
 
-def bench_cases(data: Path, only: Sequence[str] | None = None) -> list[str]:
-    """Return the names of the ``NAME.stl`` + ``NAME.xyz`` pairs in ``data`` (those in ``only``).
+def _print_row(case: str, r: dict[str, Any]) -> None:
+    """Print one trial row of the bench."""
+    if 'input_error' in r:
+        print(f"{case} #{r['trial']}: {r['n_points']} points, input rejected: "
+              f"{r['input_error']}", flush=True)
+        return
+    verdict = 'ok ' if r['success'] else 'BAD'
+    decision = 'accepted' if r['accepted'] else 'rejected'
+    flags = (' MISS' if r['search_miss'] else '') + (' =floor' if r['same_optimum'] else '')
+    m2 = r['mahalanobis2_trial_floor']
+    cover = f'  m2 {m2:.1f}' if m2 is not None else ''
+    print(f"{case} #{r['trial']}: RRE {r['rre_deg']:6.2f} deg  RTE {r['rte_mm']:6.2f} mm  "
+          f"{verdict} {decision}  res {r['residual_mm']:.2f}  inl {r['inlier_fraction']:.2f}"
+          f"  amb {r['ambiguity']:.2f}  {r['time_s']:.2f} s  n {r['n_points']}"
+          f"  floor {r['floor_rre_deg']:.2f} deg {r['floor_rte_mm']:.2f} mm"
+          f" res {r['floor_residual_mm']:.2f}{cover}{flags}", flush=True)
 
-    Raises ValueError when there is none, naming the folder.
-    """
-    cases = sorted(p.stem for p in Path(data).glob('*.stl')
-                   if (Path(data) / f'{p.stem}.xyz').is_file() and (not only or p.stem in only))
-    if not cases:
-        raise ValueError(f'no NAME.stl + NAME.xyz pairs in {data}'
-                         + (f' among {sorted(only)}' if only else ''))
-    return cases
 
-
-def bench_trial(points: Any, seed: int, trial: int, noise_mm: float) -> tuple[Any, Any]:
-    """Return the perturbed cloud of one trial and the ground truth that undoes it."""
-    import numpy as np
-
-    from neural_bone_reg.core.se3 import apply_transform, invert_transform, make_transform
-    from neural_bone_reg.core.se3 import random_rotations
-
-    rng = np.random.default_rng([seed, trial])
-    rotation = random_rotations(1, rng)[0]
-    direction = rng.normal(size=3)
-    direction /= np.linalg.norm(direction)
-    shift = direction * rng.uniform(0.0, BENCH_MAX_TRANSLATION_MM)
-    pts = points + rng.normal(scale=noise_mm, size=points.shape) if noise_mm > 0 else points
-    centroid = pts.mean(axis=0)
-    perturb = make_transform(rotation, centroid + shift - rotation @ centroid)
-    return apply_transform(perturb, pts), invert_transform(perturb)
+def _print_table(per_case: dict[str, dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Print the per-case and overall figures."""
+    header = (f"{'case':<28}{'trials':>7}{'recall':>8}{'RRE deg':>9}{'RTE mm':>8}{'CD mm':>7}"
+              f"{'t med s':>9}{'acc':>5}{'acc ok':>8}{'wrong acc':>10}{'ok rej':>7}"
+              f"{'misses':>7}{'cov tr':>7}{'cov cs':>7}{'bnd mm':>7}")
+    print('\n' + header)
+    print('-' * len(header))
+    fmt = (lambda v: f'{v:.2f}' if v is not None else '-')
+    for name, s in [*per_case.items(), ('overall', summary)]:
+        print(f"{name:<28}{s['trials']:>7}{s['recall']:>8.2f}{fmt(s['rre_mean_deg']):>9}"
+              f"{fmt(s['rte_mean_mm']):>8}{fmt(s['chamfer_mean_mm']):>7}"
+              f"{fmt(s['time_median_s']):>9}{s['accepted']:>5}{s['accepted_correct']:>8.2f}"
+              f"{s['wrong_accepted']:>10}{s['correct_rejected']:>7}{s['search_misses']:>7}"
+              f"{fmt(s['coverage_trial_floor']):>7}{fmt(s['coverage_case_floor']):>7}"
+              f"{fmt(s['bound_median_mm']):>7}")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -150,17 +167,18 @@ def run_bench(args: argparse.Namespace) -> int:
     import platform
     import time
 
-    import numpy as np
     import torch
 
-    from neural_bone_reg.core import metrics
+    from neural_bone_reg.core import bench
     from neural_bone_reg.core.io import load_cloud
-    from neural_bone_reg.core.se3 import apply_transform
 
     data = Path(args.data)
-    cases = bench_cases(data, args.cases)
+    cases = bench.bench_cases(data, args.cases)
+    if args.trials < 1:
+        raise ValueError(f'--trials must be at least 1, got {args.trials}')
     rows: list[dict[str, Any]] = []
     train_times = {}
+    floors = {}
     seed = args.seed if args.seed is not None else 0
     for case in cases:
         tick = time.perf_counter()
@@ -168,60 +186,29 @@ def run_bench(args: argparse.Namespace) -> int:
         train_times[case] = {'load_or_train_s': time.perf_counter() - tick,
                              'train_time_s': reg.model.train_time_s, **reg.model.accuracy}
         cloud = load_cloud(data / f'{case}.xyz')
-        reg.register(bench_trial(cloud, seed, WARMUP_TRIAL, 0.0)[0])  # warm-up, not timed
-        for trial in range(args.trials):
-            moved, truth = bench_trial(cloud, seed, trial, args.noise_mm)
-            res = reg.register(moved)
-            rre = metrics.rre_deg(res.transform, truth)
-            rte = metrics.rte_mm(res.transform, truth, moved)
-            sample = moved[:: max(len(moved) // 5000, 1)]
-            rows.append({
-                'case': case, 'trial': trial, 'rre_deg': rre, 'rte_mm': rte,
-                'success': metrics.is_success(rre, rte), 'accepted': res.accepted,
-                'chamfer_mm': metrics.chamfer_mm(apply_transform(res.transform, sample),
-                                                 apply_transform(truth, sample)),
-                'residual_mm': res.residual_mm, 'inlier_fraction': res.inlier_fraction,
-                'ambiguity': res.ambiguity, 'time_s': res.time_s,
-                'rejection_reasons': list(res.rejection_reasons),
-            })
-            r = rows[-1]
-            verdict = 'ok ' if r['success'] else 'BAD'
-            decision = 'accepted' if res.accepted else 'rejected'
-            print(f'{case} #{trial}: RRE {rre:6.2f} deg  RTE {rte:6.2f} mm  '
-                  f'{verdict} {decision}'
-                  f'  res {res.residual_mm:.2f}  inl {res.inlier_fraction:.2f}'
-                  f'  amb {res.ambiguity:.2f}  {res.time_s:.2f} s', flush=True)
+        floor, case_rows = bench.run_case(
+            reg, cloud, seed, args.trials, noise_mm=args.noise_mm, patch_mm=args.patch_mm,
+            on_row=lambda r, case=case: _print_row(case, r))
+        floors[case] = floor.summary()
+        print(f'{case} floor (ICP from the truth, whole cloud): RRE {floor.rre_deg:.2f} deg  '
+              f'RTE {floor.rte_mm:.2f} mm  res {floor.residual_mm:.2f}  '
+              f'inl {floor.inlier_fraction:.2f}  {floor.iterations} iterations', flush=True)
+        rows += [{'case': case, **r} for r in case_rows]
 
-    def summarise(subset: list[dict[str, Any]]) -> dict[str, Any]:
-        ok = [r for r in subset if r['success']]
-        return {
-            'trials': len(subset),
-            'recall': len(ok) / len(subset),
-            'rre_mean_deg': float(np.mean([r['rre_deg'] for r in ok])) if ok else None,
-            'rte_mean_mm': float(np.mean([r['rte_mm'] for r in ok])) if ok else None,
-            'chamfer_mean_mm': float(np.mean([r['chamfer_mm'] for r in ok])) if ok else None,
-            'time_median_s': float(np.median([r['time_s'] for r in subset])),
-            'accepted': sum(r['accepted'] for r in subset),
-            'accepted_wrong': sum(r['accepted'] and not r['success'] for r in subset),
-            'rejected_correct': sum(r['success'] and not r['accepted'] for r in subset),
-        }
-
-    per_case = {case: summarise([r for r in rows if r['case'] == case]) for case in cases}
-    summary = summarise(rows)
-    header = (f"{'case':<28}{'trials':>7}{'recall':>8}{'RRE deg':>9}{'RTE mm':>8}{'CD mm':>7}"
-              f"{'t med s':>9}{'acc':>5}{'acc wrong':>10}{'rej ok':>8}")
-    print('\n' + header)
-    print('-' * len(header))
-    for name, s in [*per_case.items(), ('overall', summary)]:
-        fmt = (lambda v: f'{v:.2f}' if v is not None else '-')
-        print(f"{name:<28}{s['trials']:>7}{s['recall']:>8.2f}{fmt(s['rre_mean_deg']):>9}"
-              f"{fmt(s['rte_mean_mm']):>8}{fmt(s['chamfer_mean_mm']):>7}{s['time_median_s']:>9.2f}"
-              f"{s['accepted']:>5}{s['accepted_wrong']:>10}{s['rejected_correct']:>8}")
+    per_case = {case: bench.summarise([r for r in rows if r['case'] == case]) for case in cases}
+    summary = bench.summarise(rows)
+    _print_table(per_case, summary)
+    print('\ncase floors (ICP from the truth on the whole cloud):')
+    for case, floor in floors.items():
+        print(f"  {case:<28} RRE {floor['rre_deg']:.2f} deg  RTE {floor['rte_mm']:.2f} mm")
     configs = _configs(args)
     record = {
-        'summary': summary, 'per_case': per_case, 'udf': train_times, 'trials': rows,
+        'summary': summary, 'per_case': per_case, 'floors': floors, 'udf': train_times,
+        'trials': rows,
         'protocol': {'seed': seed, 'trials': args.trials, 'noise_mm': args.noise_mm,
-                     'max_translation_mm': BENCH_MAX_TRANSLATION_MM, 'preset': args.preset},
+                     'patch_mm': args.patch_mm,
+                     'max_translation_mm': bench.BENCH_MAX_TRANSLATION_MM,
+                     'preset': args.preset},
         'config': {k: v for k, v in vars(configs.registration).items()},
         'machine': {'device': str(_registrar_device(args)), 'torch': torch.__version__,
                     'threads': torch.get_num_threads(),
@@ -234,7 +221,8 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f'saved {args.json}')
     if args.plot:
         plot_bench(rows, args.plot, title=f'{data.name}: recall {summary["recall"]:.2f}, '
-                                          f'noise {args.noise_mm} mm, preset {args.preset}')
+                                          f'noise {args.noise_mm} mm, patch {args.patch_mm} mm, '
+                                          f'preset {args.preset}')
         print(f'saved {args.plot}')
     return 0
 
@@ -253,6 +241,7 @@ def plot_bench(rows: list[dict[str, Any]], path: str, title: str) -> None:
     from neural_bone_reg.core.metrics import RECALL_RRE_DEG, RECALL_RTE_MM
 
     fig, (ax_err, ax_time) = plt.subplots(1, 2, figsize=(11, 4.5))
+    rows = [r for r in rows if 'input_error' not in r]  # no pose to plot
     cases = sorted({r['case'] for r in rows})
     for i, case in enumerate(cases):
         sub = [r for r in rows if r['case'] == case]
