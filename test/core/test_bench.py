@@ -313,11 +313,17 @@ def test_coverage_against_both_floors(stand_in_case):
     assert summary['covariance_trials'] == 2  # accepted only
     assert summary['coverage_trial_floor'] == 0.5
     assert summary['bound_median_mm'] == 0.5 and summary['bound_median_deg'] == 0.5
-    # Without a covariance, coverage is not measured (None), not zero.
-    reg.answer = _Result(np.eye(4))
-    plain = bench.run_trial(reg, cloud, 0, 0, case_floor=case)
-    assert plain['mahalanobis2_trial_floor'] is None
-    assert bench.summarise([plain])['coverage_trial_floor'] is None
+    # Without a covariance, or with an unknown (inf) one, coverage is not measured (None).
+    for unknown in (None, np.full((6, 6), np.inf)):
+        reg.answer = _Result(np.eye(4), covariance=unknown)
+        plain = bench.run_trial(reg, cloud, 0, 0, case_floor=case)
+        assert plain['mahalanobis2_trial_floor'] is None and plain['covariance'] is None
+        summary = bench.summarise([plain])
+        assert summary['coverage_trial_floor'] is None
+        assert summary['accepted_without_covariance'] == 1
+    reg.answer = _Result(np.eye(4), covariance=np.eye(3))
+    with pytest.raises(ValueError, match='6, 6'):
+        bench.run_trial(reg, cloud, 0, 0)
 
 
 def test_summary_counts():

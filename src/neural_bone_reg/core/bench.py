@@ -20,9 +20,10 @@ the floor (higher residual and no more inliers) is a **search miss**: a better o
 and the search did not find it. A wrong result that fits as well is truly ambiguous and must be
 refused. The **case floor** is the same ICP on the whole unperturbed cloud.
 
-Where a result carries ``covariance`` (6x6, the error ``T_true ~ se3_exp(delta) @ transform``,
-delta = (tx, ty, tz) mm, (rx, ry, rz) rad, in the bone frame), the error against each floor is
-scored by its squared Mahalanobis distance; 95 % of them should lie within ``CHI2_6DOF_95``.
+Where a result carries a finite ``covariance`` (6x6, of the error ``T_true ~ se3_exp(delta) @
+transform``, delta = (tx, ty, tz) mm, (rx, ry, rz) rad, in the bone frame), the error against
+each floor is scored by its squared Mahalanobis distance; 95 % of them should lie within
+``CHI2_6DOF_95``.
 """
 
 from __future__ import annotations
@@ -195,6 +196,20 @@ def mahalanobis_sq(covariance: Any, delta: np.ndarray) -> float:
     return float(whitened @ whitened)
 
 
+def _measured_covariance(covariance: Any) -> np.ndarray | None:
+    """Return a result's covariance as (6, 6) float64, or None where it was not measured.
+
+    None and a covariance with non-finite entries (a registrar's "unknown", all inf) are not
+    measured; any other shape is an error.
+    """
+    if covariance is None:
+        return None
+    cov = np.asarray(covariance, dtype=np.float64)
+    if cov.shape != (6, 6):
+        raise ValueError(f'result covariance must be (6, 6), got shape {cov.shape}')
+    return cov if np.all(np.isfinite(cov)) else None
+
+
 def _coverage(covariance: Any, reference: np.ndarray | None,
               estimate: np.ndarray) -> dict[str, Any]:
     """Return the error against ``reference``, its Mahalanobis^2 and whether it is inside 95 %."""
@@ -264,12 +279,12 @@ def evaluate_trial(registrar: Any, moved: np.ndarray, truth: np.ndarray, *,
         'search_miss': is_search_miss(success, fit, (floor.residual_mm, floor.inlier_fraction)),
     })
 
-    covariance = getattr(res, 'covariance', None)
+    covariance = _measured_covariance(getattr(res, 'covariance', None))
     case_ref = None if case_floor_mesh is None else case_floor_mesh @ truth
     trial_cov = _coverage(covariance, floor.transform, res.transform)
     case_cov = _coverage(covariance, case_ref, res.transform)
     row.update({
-        'covariance': None if covariance is None else np.asarray(covariance).tolist(),
+        'covariance': None if covariance is None else covariance.tolist(),
         'delta_trial_floor': trial_cov['delta'], 'delta_case_floor': case_cov['delta'],
         'mahalanobis2_trial_floor': trial_cov['mahalanobis2'],
         'mahalanobis2_case_floor': case_cov['mahalanobis2'],
@@ -331,7 +346,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     ``accepted_correct`` is a fraction of the trials; ``correct_rejected``, ``wrong_accepted``
     and ``search_misses`` are counts (``accepted_wrong`` and ``rejected_correct`` are their
-    older names). Coverage is over the accepted trials that carry a covariance.
+    older names). Coverage is over the accepted trials that carry a measured covariance;
+    ``accepted_without_covariance`` counts the others.
     """
     if not rows:
         raise ValueError('summarise needs at least one trial row')
@@ -362,6 +378,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         'floor_rre_mean_deg': _mean([r['floor_rre_deg'] for r in floors]),
         'floor_rte_mean_mm': _mean([r['floor_rte_mm'] for r in floors]),
         'covariance_trials': len(with_cov),
+        'accepted_without_covariance': len(accepted) - len(with_cov),
         'coverage_trial_floor': _fraction([r['inside95_trial_floor'] for r in with_cov]),
         'coverage_case_floor': _fraction([r['inside95_case_floor'] for r in with_case_cov]),
         'bound_median_mm': _median([r['bound_mm'] for r in accepted
