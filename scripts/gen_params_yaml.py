@@ -104,6 +104,26 @@ REGISTRATION_NODE_HEAD = """\
       # last one is this old, so a slow drift along a weakly constrained direction cannot build
       # up for long, s. Range [0.1, 3600.0].
       max_age_s: 30.0
+    cloud_qos:
+      # QoS reliability of the cloud subscription, 'reliable' or 'best_effort'. A reliable
+      # subscription matches reliable publishers only (a best-effort one is reported on
+      # /diagnostics as incompatible); best effort matches every publisher but loses large
+      # clouds. Largest cloud delivered across processes here (Fast DDS 3.2, shared memory):
+      # reliable: every size tried (0.3-24 MB); best_effort: see the README. Read-only.
+      reliability: 'reliable'
+      # QoS history of the cloud subscription, 'keep_last' (depth clouds) or 'keep_all'.
+      # Read-only.
+      history: 'keep_last'
+      # QoS depth (keep_last): clouds held until the callback takes them; the node solves only
+      # the newest. Range [1, 1000]. Read-only.
+      depth: 5
+    threads:
+      # Torch intra-op threads of the solver; 0 = auto (the CPUs available, at most 4).
+      # Range [0, 256]. Read-only.
+      intra_op: 0
+      # Torch inter-op threads; 0 = auto (1: the solver runs one graph at a time).
+      # Range [0, 256]. Read-only.
+      inter_op: 0
 """
 
 

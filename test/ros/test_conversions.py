@@ -281,3 +281,155 @@ def test_sensor_msgs_py_used_where_it_reads_right(monkeypatch, points, layout, u
     np.testing.assert_allclose(cloud_to_xyz(_cloud(points, **layout), unit='m'), points,
                                atol=1e-7)
     assert fake.calls == int(used)
+
+
+# ---------------------------------------------------------------------- hostile layouts
+
+
+def _xyz_fields(*specs):
+    """Return PointFields from (name, offset, datatype, count) tuples."""
+    return [PointField(name=n, offset=o, datatype=d, count=c) for n, o, d, c in specs]
+
+
+@pytest.mark.parametrize('read', _readers())
+@pytest.mark.parametrize('point_step', [2**31, 2**32 - 1])
+def test_huge_point_step_is_an_input_error_not_a_crash(read, point_step):
+    msg = _cloud(np.zeros((1, 3)))
+    msg.point_step = point_step  # 12 bytes of data: row_step and data cannot agree
+    with pytest.raises(InputError, match='row_step'):
+        read(msg)
+    msg.row_step = point_step
+    with pytest.raises(InputError, match='bytes; expected row_step x height'):
+        read(msg)
+
+
+def test_point_step_beyond_the_limit_with_consistent_data():
+    step = conversions.MAX_POINT_STEP + 4
+    msg = _cloud(np.zeros((1, 3)))
+    msg.point_step = msg.row_step = step
+    msg.data = array.array('B', bytes(step))
+    with pytest.raises(InputError, match=f'point_step is {step} bytes; expected at most'):
+        cloud_to_xyz(msg)
+
+
+@pytest.mark.parametrize('read', _readers())
+@pytest.mark.parametrize('count', [0, 2, 3])
+def test_xyz_count_other_than_one_is_refused(read, points, count):
+    msg = _cloud(points, extra=np.zeros(len(points)), point_step=32)
+    msg.fields[0].count = count  # x; count 3 still fits in the 32-byte point
+    with pytest.raises(InputError, match=f"'x' has count {count}; expected 1"):
+        read(msg)
+
+
+def test_a_field_whose_count_overruns_the_point_is_refused(points):
+    msg = _cloud(points, extra=np.zeros(len(points)))
+    msg.fields[3].count = 3  # intensity at 12, point_step 16
+    with pytest.raises(InputError, match=r"'intensity' at offset 12 \(3 x 4 bytes\) lies "
+                                         'beyond point_step 16'):
+        cloud_to_xyz(msg)
+
+
+@pytest.mark.parametrize('offset', [16, 2**32 - 1])
+def test_a_field_offset_beyond_the_point_is_refused(points, offset):
+    msg = _cloud(points, extra=np.zeros(len(points)))
+    msg.fields[3].offset = offset
+    with pytest.raises(InputError, match='beyond point_step 16'):
+        cloud_to_xyz(msg)
+
+
+def test_duplicate_field_names_are_refused(points):
+    msg = _cloud(points)
+    # The campaign's case: x@0, x@4, y@4, z@8 read y as x.
+    msg.fields = _xyz_fields(('x', 0, 7, 1), ('x', 4, 7, 1), ('y', 4, 7, 1), ('z', 8, 7, 1))
+    with pytest.raises(InputError, match=r"two fields named 'x' \(at offsets 0 and 4\)"):
+        cloud_to_xyz(msg)
+
+
+def test_repeated_padding_names_are_fine(points):
+    msg = _cloud(points, point_step=20)
+    msg.fields += _xyz_fields(('_', 12, PointField.UINT8, 4), ('_', 16, PointField.UINT8, 4))
+    np.testing.assert_allclose(cloud_to_xyz(msg, unit='m'), points, atol=1e-7)
+
+
+@pytest.mark.parametrize('datatype', [0, 9, 255])
+def test_invalid_datatype_codes_are_refused(points, datatype):
+    msg = _cloud(points, extra=np.zeros(len(points)))
+    msg.fields[3].datatype = datatype
+    with pytest.raises(InputError, match=f"'intensity' has datatype {datatype}, which is no "
+                                         'PointField type'):
+        cloud_to_xyz(msg)
+
+
+def test_overlapping_coordinates_are_refused(points):
+    msg = _cloud(points, float_type='f8')
+    msg.fields[1].offset = 4  # y inside the 8 bytes of x
+    with pytest.raises(InputError, match="'x' and 'y' overlap"):
+        cloud_to_xyz(msg)
+
+
+def test_ten_thousand_fields_give_a_short_message(points):
+    msg = _cloud(points)
+    msg.fields = _xyz_fields(*[(f'f{i}', 0, PointField.UINT8, 1) for i in range(10_000)])
+    with pytest.raises(InputError, match='declares 10000 fields') as info:
+        cloud_to_xyz(msg)
+    assert len(str(info.value)) < 300 and '9992 more' in str(info.value)
+
+
+def test_missing_field_lists_are_truncated(points):
+    msg = _cloud(points)
+    msg.fields = _xyz_fields(*[('n' * 500 + str(i), 0, PointField.UINT8, 1) for i in range(200)])
+    with pytest.raises(InputError, match=r'no field\(s\)') as info:
+        cloud_to_xyz(msg)
+    assert len(str(info.value)) < 600
+
+
+def test_no_points_with_data_is_refused():
+    msg = _cloud(np.zeros((4, 3)))
+    msg.height, msg.width = 0, 4
+    with pytest.raises(InputError, match=r'declares no points \(width 4 x height 0\) but '
+                                         'carries 48 bytes'):
+        cloud_to_xyz(msg)
+    msg.data = array.array('B')
+    assert cloud_to_xyz(msg).shape == (0, 3)
+
+
+@pytest.mark.parametrize('read', _readers())
+def test_float64_values_beyond_float32_are_not_called_missing(read, points):
+    points[:] = 1e300
+    with pytest.raises(InputError, match=r'50 points with coordinates up to 1e\+300 m, beyond '
+                                         'what float32 holds'):
+        read(_cloud(points, float_type='f8'))
+
+
+def test_metres_too_large_for_millimetres_are_refused(points):
+    points[0] = 3e37  # a float32 in metres, but not in millimetres
+    with pytest.raises(InputError, match='too large to convert'):
+        cloud_to_xyz(_cloud(points))
+
+
+@pytest.mark.parametrize('float_type', ['f4', 'f8'])
+def test_byteswapped_read_undoes_a_wrong_is_bigendian(points, float_type):
+    msg = _cloud(points, float_type=float_type, big_endian=True)
+    msg.is_bigendian = False  # the flag lies
+    np.testing.assert_allclose(conversions.byteswapped_xyz(msg, unit='m'), points, atol=1e-7)
+
+
+# ---------------------------------------------------------------------- stamps
+
+
+@pytest.mark.parametrize('sec, nanosec', [(-1, 0), (-2**31, 0), (0, 1_000_000_000),
+                                          (2**31 - 1, 2**32 - 1), (5, 2**32 - 1)])
+def test_stamps_ros_time_cannot_represent_are_refused(sec, nanosec):
+    with pytest.raises(InputError, match=f'sec {sec}, nanosec {nanosec}, which ROS time cannot '
+                                         'represent'):
+        conversions.stamp_to_ns(Time(sec=sec, nanosec=nanosec))
+
+
+def test_the_largest_stamp_round_trips_without_wrapping():
+    stamp = Time(sec=2**31 - 1, nanosec=999_999_999)
+    ns = conversions.stamp_to_ns(stamp)
+    assert ns == conversions.MAX_STAMP_NS
+    back = conversions.to_time_msg(ns)
+    assert (back.sec, back.nanosec) == (2**31 - 1, 999_999_999)
+    with pytest.raises(ValueError, match='stamp must be nanoseconds in'):
+        conversions.to_time_msg(ns + 1)

@@ -10,147 +10,40 @@ node that stays up and registers the next good cloud.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 import shutil
-import signal
 import subprocess
-import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from diagnostic_msgs.msg import DiagnosticStatus
 import numpy as np
+from process_support import NodeProcess, Probe, START_TIMEOUT_S
 import pytest
-import rclpy
-from rclpy.context import Context
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.node import Node
-from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import String
-from tf2_msgs.msg import TFMessage
 
 from neural_bone_reg.core import sim
 from neural_bone_reg.core.se3 import apply_transform
 from neural_bone_reg.ros.bag import play_bag, write_sweep_bag
 from neural_bone_reg.ros.conversions import transform_stamped_to_matrix, xyz_to_cloud
 from neural_bone_reg.ros.model_info import decode_model_info
-from neural_bone_reg.ros.qos import DIAGNOSTICS_QOS, LATCHED_QOS
-from neural_bone_reg.ros.tf_compat import DYNAMIC_LISTENER_QOS, TfWaiter
-from ros_test_support import (Collector, CONFIG_DIR, find_executable, find_status,
-                              flat_parameters, matched_publisher, MESSAGE_TIMEOUT_S,
-                              rotation_error_deg,
-                              shared_cache_dir, small_configs, SOLVE_TIMEOUT_S,
-                              status_values, trained_phantom, write_params_file)
+from neural_bone_reg.ros.qos import CLOUD_PUBLISHER_QOS, LATCHED_QOS
+from neural_bone_reg.ros.tf_compat import TfWaiter
+from ros_test_support import (CONFIG_DIR, find_executable, flat_parameters, matched_publisher,
+                              MESSAGE_TIMEOUT_S, rotation_error_deg, shared_cache_dir,
+                              small_configs, SOLVE_TIMEOUT_S, trained_phantom,
+                              write_params_file)
 
-#: Node start-up (imports torch) plus loading a cached model.
-START_TIMEOUT_S = 60.0
-#: How long a node gets to exit after SIGINT.
-EXIT_TIMEOUT_S = 15.0
 ROBOT_FRAME = 'robot_base'
 CLOUD_TOPIC = '/us/points'
 MAX_ROTATION_ERROR_DEG = 2.0
 MAX_TRANSLATION_ERROR_MM = 2.0
-#: Times a best-effort cloud is sent before a test gives up on its delivery.
-DELIVERY_ATTEMPTS = 5
 
 pytestmark = pytest.mark.skipif(find_executable('registration_node') is None
                                 or find_executable('preop_loader') is None,
                                 reason='node executables not installed: run `make setup` '
                                        '(pip install -e .) or colcon build + source install')
-
-
-class NodeProcess:
-    """One node executable running as a child process, with its output in a log file."""
-
-    def __init__(self, executable: str, args: list[str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, 'wb')
-        self.popen = subprocess.Popen([find_executable(executable), *args], stdout=self._log,
-                                      stderr=subprocess.STDOUT, env=dict(os.environ))
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors='replace')[-4000:]
-
-    def stop(self) -> Optional[int]:
-        """Send SIGINT, wait, kill if needed; return the exit code."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGINT)
-            try:
-                self.popen.wait(EXIT_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(EXIT_TIMEOUT_S)
-        self._log.close()
-        return self.popen.returncode
-
-
-class Probe:
-    """A test node in its own context, spinning in a thread, with collectors."""
-
-    def __init__(self) -> None:
-        self.context = Context()
-        rclpy.init(context=self.context)
-        self.node = Node('integration_probe', context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
-        self.diags = Collector(self.node, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
-        self.tf = Collector(self.node, TFMessage, '/tf', DYNAMIC_LISTENER_QOS)
-        self.models = Collector(self.node, String, '/model', LATCHED_QOS)
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self._thread.join(MESSAGE_TIMEOUT_S)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
-
-    def wait_diag(self, name_part: str, timeout_s: float, frame_id: Optional[str] = None,
-                  level: Optional[bytes] = None, start: int = 0) -> Any:
-        array = self.diags.wait_for(
-            lambda a: find_status(a, name_part, frame_id, level) is not None, timeout_s, start)
-        return None if array is None else find_status(array, name_part, frame_id, level)
-
-    def wait_tf(self, parent: str, child: str, timeout_s: float,
-                stamp: Optional[Any] = None) -> Any:
-        def match(transform: Any) -> bool:
-            return (transform.header.frame_id == parent and transform.child_frame_id == child
-                    and (stamp is None or (transform.header.stamp.sec, transform.header.stamp
-                                           .nanosec) == (stamp.sec, stamp.nanosec)))
-        msg = self.tf.wait_for(lambda m: any(match(t) for t in m.transforms), timeout_s)
-        return None if msg is None else next(t for t in msg.transforms if match(t))
-
-    def clouds_received(self, node_name: str) -> int:
-        """Return the node's clouds_received counter from its newest heartbeat (-1: none)."""
-        for array in reversed(list(self.diags.messages)):
-            status = find_status(array, f'{node_name}: model')
-            if status is not None and 'clouds_received' in status_values(status):
-                return int(status_values(status)['clouds_received'])
-        return -1
-
-    def deliver(self, node_name: str, pub: Any, msg: Any) -> None:
-        """Publish a best-effort cloud until the node's heartbeat counts it (or give up)."""
-        before = self.clouds_received(node_name)
-        for _ in range(DELIVERY_ATTEMPTS):
-            pub.publish(msg)
-            # Heartbeats come once a second; two of them without the count rising: resend.
-            for _ in range(2):
-                start = self.diags.count()
-                if self.diags.wait_for(
-                        lambda a: find_status(a, f'{node_name}: model') is not None,
-                        MESSAGE_TIMEOUT_S, start) is None:
-                    return
-                if self.clouds_received(node_name) > before:
-                    return
-
-    def parents_seen(self) -> set[str]:
-        return {t.header.frame_id for m in list(self.tf.messages) for t in m.transforms}
 
 
 @pytest.fixture(scope='module')
@@ -269,7 +162,7 @@ def _single_node(setup: dict) -> tuple[NodeProcess, Any]:
         assert probe.wait_diag('registration_single: model', START_TIMEOUT_S,
                                level=DiagnosticStatus.OK) is not None, setup['single'].log()
         setup['single_pub'] = matched_publisher(probe.node, PointCloud2, '/single/points',
-                                                qos_profile_sensor_data)
+                                                CLOUD_PUBLISHER_QOS)
         setup['bad_frames'] = []
     return setup['single'], setup['single_pub']
 
@@ -354,7 +247,7 @@ def test_corrupt_checkpoint_is_reported_and_nodes_recover(setup: dict) -> None:
     assert probe.wait_diag('registration_corrupt: model', START_TIMEOUT_S,
                            level=DiagnosticStatus.OK) is not None, node.log()
     pose, good = _good_cloud(11)
-    pub = matched_publisher(probe.node, PointCloud2, '/corrupt/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe.node, PointCloud2, '/corrupt/points', CLOUD_PUBLISHER_QOS)
     probe.deliver('registration_corrupt', pub, xyz_to_cloud(good, 'good_after_corrupt', 1))
     assert probe.wait_tf('good_after_corrupt', 'bone', SOLVE_TIMEOUT_S) is not None, node.log()
 

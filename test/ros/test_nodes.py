@@ -12,6 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 import threading
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -22,25 +23,30 @@ from rclpy.exceptions import InvalidParameterValueException
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import qos_profile_sensor_data
+from rclpy.qos import HistoryPolicy, qos_profile_sensor_data, ReliabilityPolicy
 from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
+from tf2_msgs.msg import TFMessage
 import yaml
 
 from neural_bone_reg import RegistrationResult
 from neural_bone_reg.core import sim
 from neural_bone_reg.core.config import RegistrationConfig, TrainConfig, UdfConfig
 from neural_bone_reg.core.se3 import apply_transform, invert_transform, make_transform
+from neural_bone_reg.ros import input_checks
+from neural_bone_reg.ros import registration_node as registration_node_module
 from neural_bone_reg.ros.conversions import (cloud_to_xyz, transform_stamped_to_matrix,
                                              xyz_to_cloud)
+from neural_bone_reg.ros.diagnostics import (cap_text, MAX_MESSAGE_CHARS, MAX_VALUE_CHARS,
+                                             printable)
 from neural_bone_reg.ros.model_info import decode_model_info
 from neural_bone_reg.ros.preop_loader import PreopLoader
-from neural_bone_reg.ros.qos import DIAGNOSTICS_QOS, LATCHED_QOS
+from neural_bone_reg.ros.qos import CLOUD_PUBLISHER_QOS, DIAGNOSTICS_QOS, LATCHED_QOS
 from neural_bone_reg.ros.registration_node import RegistrationNode
 from neural_bone_reg.ros.sweep_buffer import SweepBuffer, voxel_downsample
-from neural_bone_reg.ros.tf_compat import TfWaiter
+from neural_bone_reg.ros.tf_compat import DYNAMIC_LISTENER_QOS, TfWaiter
 from ros_test_support import (Collector, CONFIG_DIR, find_status, matched_publisher,
                               MESSAGE_TIMEOUT_S,
                               rotation_error_deg, shared_cache_dir, small_configs,
@@ -254,7 +260,7 @@ def test_worker_keeps_only_the_latest_cloud_and_never_blocks_the_executor(
     node = spin(registration_node(ros_context, mode='single', bone_frame='bone'))
     scripted = ScriptedRegistrar(block=True)
     node.use_registrar(scripted)
-    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
     waiter = TfWaiter(probe, 'robot', 'bone')
     clouds = {name: patch_points(seed) for seed, name in enumerate('ABCD')}
     stamps = {name: (10 + i) * 1_000_000_000 for i, name in enumerate('ABCD')}
@@ -291,7 +297,7 @@ def test_registered_points_are_the_cloud_in_the_bone_frame(
     node = spin(registration_node(ros_context, mode='single', bone_frame='femur'))
     node.use_registrar(ScriptedRegistrar())
     out = Collector(probe, PointCloud2, '/registered_points', LATCHED_QOS)
-    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
     points = patch_points(3)
     pub.publish(cloud(points, frame='tracker'))
     msg = out.wait_for(lambda m: True, SOLVE_TIMEOUT_S)
@@ -306,7 +312,7 @@ def test_rejected_result_gives_a_warning_and_no_tf(
                                          reasons=('ambiguity 0.90 > gate 0.80',)))
     diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
     waiter = TfWaiter(probe, 'robot', 'bone')
-    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
     pub.publish(cloud(patch_points(1)))
     array = diags.wait_for(lambda a: find_status(a, 'registration', level=DiagnosticStatus.WARN)
                            is not None, SOLVE_TIMEOUT_S)
@@ -337,14 +343,50 @@ def _bad_clouds() -> dict[str, PointCloud2]:
     truncated.data = truncated.data[:-7]
     millimetres = cloud(good * 1000.0, frame='bad_units')  # mm values on a metre wire
     shrunk = cloud(good / 1000.0, frame='bad_shrunk')  # converted to metres twice
-    return {'empty': empty, 'nan': nan, 'fields': no_z, 'datatype': ints, 'huge': huge,
-            'truncated': truncated, 'units': millimetres, 'shrunk': shrunk}
+    bad = {'empty': empty, 'nan': nan, 'fields': no_z, 'datatype': ints, 'huge': huge,
+           'truncated': truncated, 'units': millimetres, 'shrunk': shrunk}
+    # What a fuzz campaign found (issue 10), and their kin.
+    bad['self_frame'] = cloud(good, frame='/bone')  # tf strips the '/': bone -> bone
+    bad['stamp_negative'] = cloud(good, frame='bad_stamp_negative')
+    bad['stamp_negative'].header.stamp.sec = -1
+    bad['stamp_wrap'] = cloud(good, frame='bad_stamp_wrap')
+    bad['stamp_wrap'].header.stamp.sec, bad['stamp_wrap'].header.stamp.nanosec = (
+        2**31 - 1, 2**32 - 1)
+    bad['point_step'] = cloud(good[:1], frame='bad_point_step')
+    bad['point_step'].point_step = 2**32 - 1
+    bad['count'] = cloud(good, frame='bad_count')
+    bad['count'].fields[0].count = 3
+    bad['duplicate'] = cloud(good, frame='bad_duplicate')
+    bad['duplicate'].fields = [PointField(name=n, offset=o, datatype=PointField.FLOAT32, count=1)
+                               for n, o in (('x', 0), ('x', 4), ('y', 4), ('z', 8))]
+    bad['many_fields'] = cloud(good, frame='bad_many_fields')
+    bad['many_fields'].fields = [PointField(name=f'field_{i}', offset=0, datatype=1, count=1)
+                                 for i in range(10_000)]
+    bad['float64_overflow'] = cloud(good, frame='bad_float64')
+    wide = np.full((500, 3), 1e300).astype('<f8')
+    bad['float64_overflow'].fields = [PointField(name=n, offset=8 * i, datatype=8, count=1)
+                                      for i, n in enumerate('xyz')]
+    bad['float64_overflow'].point_step, bad['float64_overflow'].row_step = 24, 24 * 500
+    bad['float64_overflow'].is_bigendian = False
+    bad['float64_overflow'].data = wide.tobytes()
+    bad['endianness'] = cloud(good, frame='bad_endianness')
+    bad['endianness'].is_bigendian = not bad['endianness'].is_bigendian
+    bad['gigantic'] = cloud(good + 1e10, frame='bad_gigantic')  # 1e7 m from the origin
+    bad['frame_huge'] = cloud(good, frame='f' * 100_000)
+    bad['frame_non_ascii'] = cloud(good, frame='kamera_\u00fc')
+    return bad
 
 
 @pytest.mark.parametrize('case,needle', [
     ('empty', 'empty'), ('nan', 'all NaN'), ('fields', "'z'"), ('datatype', 'INT32'),
     ('huge', 'max_cloud_points'), ('truncated', 'bytes'), ('units', 'mm?'),
-    ('shrunk', 'metres?'),
+    ('shrunk', 'divided by 1000 twice'), ('self_frame', 'is the bone frame'),
+    ('stamp_negative', 'ROS time cannot represent'), ('stamp_wrap', 'ROS time cannot'),
+    ('point_step', 'row_step'), ('count', "'x' has count 3"),
+    ('duplicate', "two fields named 'x'"), ('many_fields', '10000 fields'),
+    ('float64_overflow', 'beyond what float32 holds'), ('endianness', 'is_bigendian'),
+    ('gigantic', 'expected metres (REP 103)'), ('frame_huge', '100000 characters'),
+    ('frame_non_ascii', 'not a tf frame name'),
 ])
 def test_bad_input_gives_an_error_diagnostic_no_tf_and_the_node_goes_on(
         ros_context: Any, spin: Callable[[Any], Any], probe: Any, case: str,
@@ -354,11 +396,10 @@ def test_bad_input_gives_an_error_diagnostic_no_tf_and_the_node_goes_on(
     node.use_registrar(scripted)
     assert node.wait_idle(MESSAGE_TIMEOUT_S)
     diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
-    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
     bad = _bad_clouds()[case]
-    frame = bad.header.frame_id
-    bad_tf = TfWaiter(probe, frame, 'bone')
-    good_tf = TfWaiter(probe, 'good', 'bone')
+    frame = cap_text(printable(bad.header.frame_id), MAX_VALUE_CHARS)  # as the diagnostic says
+    tf = Collector(probe, TFMessage, '/tf', DYNAMIC_LISTENER_QOS)
     pub.publish(bad)
     array = diags.wait_for(lambda a: find_status(a, 'input', frame_id=frame) is not None,
                            MESSAGE_TIMEOUT_S)
@@ -366,10 +407,116 @@ def test_bad_input_gives_an_error_diagnostic_no_tf_and_the_node_goes_on(
     status = find_status(array, 'input', frame_id=frame)
     assert status.level == DiagnosticStatus.ERROR
     assert needle in status.message, status.message
+    assert len(status.message) <= MAX_MESSAGE_CHARS
+    if case != 'units':  # clouds on the metre wire are not asked whether they are in metres
+        assert 'Is it in metres' not in status.message and 'expected mm' not in status.message
     assert scripted.calls == [], 'bad input reached the solver'
+    assert node.n_rejected_inputs == 1
     pub.publish(cloud(patch_points(6), frame='good'))
-    assert good_tf.wait(SOLVE_TIMEOUT_S) is not None, 'the next good cloud was not registered'
-    assert bad_tf.latest is None
+    assert tf.wait_for(lambda m: m.transforms[0].header.frame_id == 'good',
+                       SOLVE_TIMEOUT_S) is not None, 'the next good cloud was not registered'
+    assert [m.transforms[0].header.frame_id for m in tf.messages] == ['good']
+
+
+def test_on_points_never_raises_whatever_the_message_provokes(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    node = spin(registration_node(ros_context, mode='single'))
+    scripted = ScriptedRegistrar()
+    node.use_registrar(scripted)
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    # The two inputs that crashed the node (issue 10), called straight from the executor's
+    # point of view: the callback must return, not raise.
+    step = cloud(patch_points(), frame='crash_point_step')
+    step.width, step.point_step, step.data = 1, 2**32 - 1, step.data[:12]
+    node.on_points(step)
+    stamp = cloud(patch_points(), frame='crash_stamp')
+    stamp.header.stamp.sec = -1
+    node.on_points(stamp)
+    # Anything no check foresaw is still a rejected input with its cause named.
+    monkeypatch.setattr(input_checks, 'read_points',
+                        lambda *args: (_ for _ in ()).throw(RuntimeError('unforeseen')))
+    node.on_points(cloud(patch_points(), frame='crash_unforeseen'))
+    for frame, needle in (('crash_point_step', 'row_step'), ('crash_stamp', 'ROS time'),
+                          ('crash_unforeseen', 'RuntimeError: unforeseen')):
+        array = diags.wait_for(lambda a: find_status(a, 'input', frame_id=frame) is not None,
+                               MESSAGE_TIMEOUT_S)
+        assert array is not None, f'no diagnostic for {frame}'
+        status = find_status(array, 'input', frame_id=frame)
+        assert status.level == DiagnosticStatus.ERROR and needle in status.message
+    assert node.n_rejected_inputs == 3 and scripted.calls == []
+
+
+def test_cloud_qos_parameters_build_the_subscription(ros_context: Any) -> None:
+    node = registration_node(ros_context)
+    try:
+        qos = node._points_sub.qos_profile
+        assert (qos.reliability, qos.history, qos.depth) == (
+            ReliabilityPolicy.RELIABLE, HistoryPolicy.KEEP_LAST, 5)
+        assert not node.set_parameters([Parameter('cloud_qos.depth', value=3)])[0].successful
+    finally:
+        node.destroy_node()
+    node = registration_node(ros_context, **{'cloud_qos.reliability': 'best_effort',
+                                             'cloud_qos.history': 'keep_all'})
+    try:
+        qos = node._points_sub.qos_profile
+        assert (qos.reliability, qos.history) == (ReliabilityPolicy.BEST_EFFORT,
+                                                  HistoryPolicy.KEEP_ALL)
+    finally:
+        node.destroy_node()
+
+
+@pytest.mark.parametrize('params,error,expected', [
+    ({'cloud_qos.reliability': 'sometimes'}, ValueError, 'cloud_qos.reliability'),
+    ({'cloud_qos.history': 'keep_some'}, ValueError, 'cloud_qos.history'),
+    ({'cloud_qos.depth': 0}, InvalidParameterValueException, r'cloud_qos\.depth'),
+    ({'threads.intra_op': -1}, InvalidParameterValueException, r'threads\.intra_op'),
+    ({'robot_frame': 'bone', 'bone_frame': '/bone'}, ValueError, 'robot_frame and bone_frame'),
+    ({'robot_frame': 'robot base'}, ValueError, 'parameter robot_frame'),
+])
+def test_bad_qos_thread_and_frame_parameters_are_rejected_at_start(
+        ros_context: Any, params: dict[str, Any], error: type, expected: str) -> None:
+    with pytest.raises(error, match=expected):
+        registration_node(ros_context, **params)
+
+
+def test_thread_parameters_configure_torch_at_start(
+        ros_context: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def configure(intra: int, inter: int) -> tuple[int, int]:
+        calls.append((intra, inter))
+        return intra or 2, inter or 1
+    monkeypatch.setattr(registration_node_module, 'configure_threads', configure)
+    node = registration_node(ros_context, **{'threads.intra_op': 3})
+    try:
+        assert calls == [(3, 0)]
+        assert not node.set_parameters([Parameter('threads.intra_op', value=1)])[0].successful
+    finally:
+        node.destroy_node()
+
+
+def test_an_incompatible_publisher_and_lost_clouds_show_in_diagnostics(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
+    node = spin(registration_node(ros_context, mode='single'))  # reliable by default
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    probe.create_publisher(PointCloud2, '/points', qos_profile_sensor_data)  # best effort
+    array = diags.wait_for(lambda a: find_status(a, 'input', level=DiagnosticStatus.ERROR)
+                           is not None, MESSAGE_TIMEOUT_S)
+    assert array is not None, 'no diagnostic for an incompatible publisher'
+    message = find_status(array, 'input').message
+    assert 'incompatible' in message and 'RELIABILITY' in message and 'best_effort' in message
+    node.on_message_lost(SimpleNamespace(total_count=3, total_count_change=3))
+    array = diags.wait_for(lambda a: find_status(a, 'input', level=DiagnosticStatus.WARN)
+                           is not None, MESSAGE_TIMEOUT_S)
+    assert array is not None and '3 cloud(s) lost' in find_status(array, 'input').message
+
+    def counters(a: Any) -> bool:
+        status = find_status(a, 'model')
+        return status is not None and status_values(status).get('clouds_lost') == '3'
+    heartbeat = diags.wait_for(counters, 3 * MESSAGE_TIMEOUT_S)
+    assert heartbeat is not None, 'the heartbeat does not count lost clouds'
+    assert status_values(find_status(heartbeat, 'model'))['incompatible_publishers'] == '1'
 
 
 def test_a_cloud_in_another_frame_than_robot_frame_is_rejected(
@@ -377,7 +524,7 @@ def test_a_cloud_in_another_frame_than_robot_frame_is_rejected(
     node = spin(registration_node(ros_context, mode='single', robot_frame='world'))
     node.use_registrar(ScriptedRegistrar())
     diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
-    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
     pub.publish(cloud(patch_points(), frame='camera'))
     array = diags.wait_for(lambda a: find_status(a, 'input', frame_id='camera') is not None,
                            MESSAGE_TIMEOUT_S)
@@ -390,7 +537,7 @@ def test_sweep_mode_accumulates_slices_until_min_points(
                                   **{'sweep.min_points': 1000, 'sweep.voxel_mm': 0.0}))
     scripted = ScriptedRegistrar()
     node.use_registrar(scripted)
-    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
     waiter = TfWaiter(probe, 'robot', 'bone')
     rng = np.random.default_rng(0)
     slices = sim.simulate_sweep(sim.make_phantom_mesh(), rng, n_frames=5, points_per_frame=300)
@@ -430,7 +577,7 @@ def test_register_now_and_reset_services(ros_context: Any, spin: Callable[[Any],
     assert node.wait_idle(MESSAGE_TIMEOUT_S)
     response = call(register_now)
     assert not response.success and 'empty' in response.message
-    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
     pub.publish(cloud(patch_points(n=300)))
     for _ in range(100):
         if node.n_received >= 1:
@@ -687,7 +834,7 @@ def test_real_registration_of_a_posed_phantom_patch_and_of_a_foreign_bone(
     params.update({f'registration.{k}': v for k, v in TEST_REGISTRATION.items()})
     spin(registration_node(ros_context, **params))
     diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
-    pub = matched_publisher(probe, PointCloud2, '/points', qos_profile_sensor_data)
+    pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
     rng = np.random.default_rng(7)
     t_robot_bone = sim.random_pose(rng)
     mesh = sim.make_phantom_mesh()

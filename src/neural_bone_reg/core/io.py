@@ -18,6 +18,8 @@ MIN_CLOUD_EXTENT_MM = 5.0
 MIN_MESH_EXTENT_MM = 10.0
 #: Coordinates beyond this magnitude are not a bone in mm in any sane robot frame.
 MAX_ABS_COORDINATE_MM = 1e6
+#: Units that check_points may phrase its messages in: report unit -> (per mm, unit name).
+REPORT_UNITS = {'mm': (1.0, 'mm'), 'm': (1e-3, 'm')}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -133,15 +135,23 @@ def _read_pcd(path: Path) -> np.ndarray:
 
 
 def check_points(points: np.ndarray, name: str = 'cloud', min_points: int = 3,
-                 drop_nonfinite: bool = True) -> np.ndarray:
+                 drop_nonfinite: bool = True, *, report_unit: str = 'mm') -> np.ndarray:
     """Return a validated float64 (N, 3) copy of ``points``, or raise InputError.
 
     Non-finite rows are dropped when ``drop_nonfinite`` (sensors mark missing returns with NaN);
     what remains must be at least ``min_points`` points spanning a bone-sized extent in mm.
+    ``points`` are always in mm and checked the same way; ``report_unit`` ('mm' or 'm') only
+    chooses the unit the messages speak in: 'm' for a caller whose user sent metres (a ROS
+    message, REP 103), so that a message never asks a cloud in metres whether it is in metres.
     """
+    try:
+        scale, unit = REPORT_UNITS[report_unit]
+    except KeyError:
+        raise ValueError(f'report_unit must be one of {sorted(REPORT_UNITS)}, '
+                         f'got {report_unit!r}') from None
     points = np.asarray(points)
     if points.ndim != 2 or points.shape[1] != 3:
-        raise InputError(f'{name} has shape {points.shape}; expected (N, 3) x y z in mm')
+        raise InputError(f'{name} has shape {points.shape}; expected (N, 3) x y z in {unit}')
     if not np.issubdtype(points.dtype, np.number):
         raise InputError(f'{name} has dtype {points.dtype}; expected floats')
     points = points.astype(np.float64)
@@ -149,18 +159,28 @@ def check_points(points: np.ndarray, name: str = 'cloud', min_points: int = 3,
     if not finite.all():
         if not drop_nonfinite:
             raise InputError(
-                f'{name} has {int((~finite).sum())} non-finite points; expected finite mm')
+                f'{name} has {int((~finite).sum())} non-finite points; expected finite {unit}')
         points = points[finite]
     if len(points) == 0:
         raise InputError(f'{name} is empty (or all NaN); expected at least {min_points} points')
     if len(points) < min_points:
         raise InputError(f'{name} has {len(points)} valid points; expected at least {min_points}')
-    if np.abs(points).max() > MAX_ABS_COORDINATE_MM:
-        raise InputError(f'{name} has coordinates up to {np.abs(points).max():.3g}; expected mm '
-                         f'within {MAX_ABS_COORDINATE_MM:g}')
+    peak = float(np.abs(points).max())
+    if peak > MAX_ABS_COORDINATE_MM:
+        if report_unit == 'mm':
+            raise InputError(f'{name} has coordinates up to {peak:.3g}; expected mm '
+                             f'within {MAX_ABS_COORDINATE_MM:g}')
+        raise InputError(f'{name} has coordinates up to {peak * scale:.3g} {unit}; expected '
+                         f'metres (REP 103) within {MAX_ABS_COORDINATE_MM * scale:g} {unit} of '
+                         "the frame's origin")
     extent = float(np.linalg.norm(points.max(axis=0) - points.min(axis=0)))
     if extent < MIN_CLOUD_EXTENT_MM:
-        raise InputError(f'{name} spans only {extent:.3g} units; expected a bone patch in '
-                         f'millimetres (at least {MIN_CLOUD_EXTENT_MM} mm across). '
-                         'Is it in metres?')
+        if report_unit == 'mm':
+            raise InputError(f'{name} spans only {extent:.3g} units; expected a bone patch in '
+                             f'millimetres (at least {MIN_CLOUD_EXTENT_MM} mm across). '
+                             'Is it in metres?')
+        raise InputError(f'{name} spans only {extent * scale:.3g} {unit}; expected a bone '
+                         f'patch at least {MIN_CLOUD_EXTENT_MM * scale:g} {unit} across. '
+                         'Were millimetres divided by 1000 twice, or are the points (nearly) '
+                         'all the same?')
     return points

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import array
 import sys
-from typing import TYPE_CHECKING, Union
+from typing import Sequence, TYPE_CHECKING, Union
 
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import TransformStamped
@@ -37,12 +37,32 @@ DEFAULT_UNIT = 'mm'
 RIGID_TOLERANCE = 1e-4
 
 XYZ = ('x', 'y', 'z')
+#: Most fields a cloud may declare: x, y, z and every channel of any sensor fit with room to
+#: spare; a table of thousands is hostile, and costs a Python loop per message.
+MAX_FIELDS = 256
+#: Largest point_step accepted, bytes: far above any sensor's point, and it keeps the numpy
+#: view of the data within a C int itemsize (point_step >= 2**31 once crashed numpy).
+MAX_POINT_STEP = 65_536
+#: Field names that may repeat: padding (PCL names it '_'; some drivers leave it empty).
+PADDING_NAMES = ('', '_')
+#: Fields listed by name in a message at most; the rest are counted.
+MAX_LISTED_FIELDS = 8
+#: Characters of one field name shown in a message at most.
+MAX_LISTED_NAME_CHARS = 32
+#: Largest magnitude a float32 holds; FLOAT64 coordinates beyond it cannot be read as float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 _NS_PER_S = 1_000_000_000
+#: Largest builtin_interfaces/Time: sec is an int32, nanosec < 1e9. Later stamps would wrap.
+MAX_STAMP_NS = (2**31 - 1) * _NS_PER_S + _NS_PER_S - 1
 _FLOAT_TYPES = {PointField.FLOAT32: 'f4', PointField.FLOAT64: 'f8'}
 _DATATYPE_NAMES = {
     PointField.INT8: 'INT8', PointField.UINT8: 'UINT8', PointField.INT16: 'INT16',
     PointField.UINT16: 'UINT16', PointField.INT32: 'INT32', PointField.UINT32: 'UINT32',
     PointField.FLOAT32: 'FLOAT32', PointField.FLOAT64: 'FLOAT64',
+}
+_DATATYPE_SIZES = {
+    PointField.INT8: 1, PointField.UINT8: 1, PointField.INT16: 2, PointField.UINT16: 2,
+    PointField.INT32: 4, PointField.UINT32: 4, PointField.FLOAT32: 4, PointField.FLOAT64: 8,
 }
 
 #: What a stamp may be given as: a message, an ``rclpy.time.Time``, or integer nanoseconds.
@@ -61,11 +81,38 @@ def to_time_msg(stamp: Stamp) -> Time:
         return stamp.to_msg()
     if isinstance(stamp, (int, np.integer)) and not isinstance(stamp, bool):
         ns = int(stamp)
-        if ns < 0:
-            raise ValueError(f'stamp must be non-negative nanoseconds, got {ns}')
+        if not 0 <= ns <= MAX_STAMP_NS:
+            raise ValueError(f'stamp must be nanoseconds in [0, {MAX_STAMP_NS}] (what '
+                             f'builtin_interfaces/Time holds), got {ns}')
         return Time(sec=ns // _NS_PER_S, nanosec=ns % _NS_PER_S)
     raise TypeError(f'stamp must be builtin_interfaces/Time, rclpy.time.Time or int ns, '
                     f'got {type(stamp).__name__}')
+
+
+def stamp_to_ns(stamp: Time) -> int:
+    """Return a message stamp as nanoseconds, or raise InputError if ROS time cannot hold it.
+
+    ROS time is non-negative and ``nanosec`` is below one second. rclpy raises on a negative
+    ``sec`` and silently carries ``nanosec`` >= 1e9 into the seconds, which could push a
+    transform's stamp past the int32 ``sec`` (it once went out as -2147483645.29).
+    """
+    sec, nanosec = int(stamp.sec), int(stamp.nanosec)
+    if sec < 0 or not 0 <= nanosec < _NS_PER_S:
+        raise InputError(f'header.stamp is sec {sec}, nanosec {nanosec}, which ROS time cannot '
+                         f'represent; expected sec >= 0 and 0 <= nanosec < {_NS_PER_S}')
+    return sec * _NS_PER_S + nanosec
+
+
+def describe_fields(fields: Sequence[PointField], limit: int = MAX_LISTED_FIELDS) -> str:
+    """Return a short list of a field table for messages: names, the rest counted."""
+    names = [repr(_short(field.name)) for field in fields[:limit]]
+    more = len(fields) - len(names)
+    return '[' + ', '.join(names) + (f', ... and {more} more' if more > 0 else '') + ']'
+
+
+def _short(text: str, limit: int = MAX_LISTED_NAME_CHARS) -> str:
+    """Return ``text`` cut to ``limit`` characters, with '...' where it was cut."""
+    return text if len(text) <= limit else text[:limit] + '...'
 
 
 def units_per_m(unit: str) -> float:
@@ -76,30 +123,74 @@ def units_per_m(unit: str) -> float:
         raise ValueError(f'unit must be one of {sorted(UNITS_PER_M)}, got {unit!r}') from None
 
 
-def _xyz_dtype(msg: PointCloud2) -> np.dtype:
-    """Return a structured dtype of one point holding only x, y, z, or raise InputError."""
-    by_name = {field.name: field for field in msg.fields}
-    missing = [name for name in XYZ if name not in by_name]
+def check_layout(msg: PointCloud2) -> None:
+    """Raise InputError unless the field table and sizes of ``msg`` describe readable x y z.
+
+    Checks, in Python integers (no overflow): at most MAX_FIELDS fields, point_step at most
+    MAX_POINT_STEP, every field a known datatype lying inside one point (offset + count x size
+    <= point_step), no repeated name (except padding), x y z present with count 1, FLOAT32 or
+    FLOAT64 and not overlapping, and data, row_step, point_step, width and height in agreement.
+    A cloud that declares no points passes when it carries no more data than that says.
+    """
+    _check_size(msg)
+    if msg.width * msg.height == 0:
+        return
+    fields = msg.fields
+    if len(fields) > MAX_FIELDS:
+        raise InputError(f'PointCloud2 declares {len(fields)} fields {describe_fields(fields)}; '
+                         f'expected at most {MAX_FIELDS} (x, y, z and the channels of a sensor)')
+    if msg.point_step > MAX_POINT_STEP:
+        raise InputError(f'PointCloud2 point_step is {msg.point_step} bytes; expected at most '
+                         f'{MAX_POINT_STEP} (one point of x, y, z and its channels)')
+    seen: dict[str, PointField] = {}
+    for field in fields:
+        name = _short(field.name)
+        size = _DATATYPE_SIZES.get(field.datatype)
+        if size is None:
+            raise InputError(f'PointCloud2 field {name!r} has datatype {field.datatype}, which is '
+                             'no PointField type; expected INT8 (1) ... FLOAT64 (8)')
+        end = field.offset + field.count * size
+        if end > msg.point_step:
+            raise InputError(
+                f'PointCloud2 field {name!r} at offset {field.offset} ({field.count} x {size} '
+                f'bytes) lies beyond point_step {msg.point_step}; expected every field inside '
+                'one point')
+        if field.name in seen and field.name not in PADDING_NAMES:
+            raise InputError(f'PointCloud2 has two fields named {name!r} (at offsets '
+                             f'{seen[field.name].offset} and {field.offset}); expected each name '
+                             'once')
+        seen[field.name] = field
+    missing = [name for name in XYZ if name not in seen]
     if missing:
         raise InputError(f'PointCloud2 has no field(s) {missing} (it has '
-                         f'{[field.name for field in msg.fields]}); expected float x, y and z')
-    endian = '>' if msg.is_bigendian else '<'
-    formats, offsets = [], []
+                         f'{describe_fields(fields)}); expected float x, y and z')
+    spans = []
     for name in XYZ:
-        field = by_name[name]
+        field = seen[name]
         if field.datatype not in _FLOAT_TYPES:
-            kind = _DATATYPE_NAMES.get(field.datatype, 'unknown')
+            kind = _DATATYPE_NAMES[field.datatype]
             raise InputError(f'PointCloud2 field {name!r} has datatype {field.datatype} ({kind}); '
                              f'expected FLOAT32 ({PointField.FLOAT32}) or FLOAT64 '
                              f'({PointField.FLOAT64})')
-        dtype = np.dtype(endian + _FLOAT_TYPES[field.datatype])
-        if field.offset + dtype.itemsize > msg.point_step:
-            raise InputError(f'PointCloud2 field {name!r} at offset {field.offset} '
-                             f'({dtype.itemsize} bytes) lies beyond point_step {msg.point_step}; '
-                             'expected every field inside one point')
-        formats.append(dtype)
-        offsets.append(field.offset)
-    return np.dtype({'names': list(XYZ), 'formats': formats, 'offsets': offsets,
+        if field.count != 1:
+            raise InputError(f'PointCloud2 field {name!r} has count {field.count}; expected 1 '
+                             '(one coordinate per point)')
+        spans.append((field.offset, field.offset + _DATATYPE_SIZES[field.datatype], name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise InputError(f'PointCloud2 fields {first!r} and {second!r} overlap (bytes '
+                             f'{start}-{end - 1}); expected separate coordinates')
+
+
+def _xyz_dtype(msg: PointCloud2, swap_bytes: bool = False) -> np.dtype:
+    """Return a structured dtype of one point holding only x, y, z of a checked cloud."""
+    big = bool(msg.is_bigendian) != swap_bytes
+    endian = '>' if big else '<'
+    by_name = {field.name: field for field in msg.fields}
+    formats = [np.dtype(endian + _FLOAT_TYPES[by_name[name].datatype]) for name in XYZ]
+    return np.dtype({'names': list(XYZ), 'formats': formats,
+                     'offsets': [by_name[name].offset for name in XYZ],
                      'itemsize': msg.point_step})
 
 
@@ -109,6 +200,12 @@ def _check_size(msg: PointCloud2) -> None:
     if msg.row_step < packed_row:
         raise InputError(f'PointCloud2 row_step {msg.row_step} is less than width x point_step = '
                          f'{msg.width} x {msg.point_step} = {packed_row}; expected at least that')
+    if msg.width * msg.height == 0:
+        if len(msg.data) > msg.row_step * msg.height:
+            raise InputError(f'PointCloud2 declares no points (width {msg.width} x height '
+                             f'{msg.height}) but carries {len(msg.data)} bytes of data; expected '
+                             'width and height to count the points')
+        return
     expected = msg.row_step * msg.height
     if len(msg.data) != expected:
         raise InputError(f'PointCloud2 data has {len(msg.data)} bytes; expected row_step x height '
@@ -117,9 +214,34 @@ def _check_size(msg: PointCloud2) -> None:
 
 
 def _finite_rows(xyz: np.ndarray) -> np.ndarray:
-    """Return the rows of (N, 3) ``xyz`` whose coordinates are all finite."""
+    """Return the finite rows of (N, 3) ``xyz`` as float32 (a view when nothing changes).
+
+    Raises InputError when finite float64 coordinates are too large for float32, rather than
+    letting them turn into infinities that would be dropped as if they were missing returns.
+    """
     finite = np.isfinite(xyz).all(axis=1)
-    return xyz if finite.all() else xyz[finite]
+    if not finite.all():
+        xyz = xyz[finite]
+    if xyz.dtype != np.float32:
+        peak = float(np.abs(xyz).max()) if len(xyz) else 0.0
+        if peak > FLOAT32_MAX:
+            n_over = int((np.abs(xyz) > FLOAT32_MAX).any(axis=1).sum())
+            raise InputError(f'PointCloud2 has {n_over} points with coordinates up to '
+                             f'{peak:.3g} m, beyond what float32 holds ({FLOAT32_MAX:.3g}); '
+                             'expected metres (REP 103)')
+        xyz = xyz.astype(np.float32)
+    return xyz
+
+
+def _scaled(xyz: np.ndarray, per_m: float) -> np.ndarray:
+    """Return float32 metres ``xyz`` in the unit of ``per_m``; InputError where that overflows."""
+    if per_m == 1.0:
+        return xyz
+    peak = float(np.abs(xyz).max()) if len(xyz) else 0.0
+    if peak * per_m > FLOAT32_MAX:
+        raise InputError(f'PointCloud2 has coordinates up to {peak:.3g} m, too large to convert '
+                         f'to float32 in units of 1/{per_m:g} m; expected metres (REP 103)')
+    return xyz * np.float32(per_m)
 
 
 def _read_xyz_fallback(msg: PointCloud2) -> np.ndarray:
@@ -130,20 +252,35 @@ def _read_xyz_fallback(msg: PointCloud2) -> np.ndarray:
     result shares memory with ``msg.data`` when the layout allows (packed native float32 x y z
     and no invalid points); copy it before writing to it.
     """
+    check_layout(msg)
     if msg.width * msg.height == 0:
         return np.zeros((0, 3), np.float32)
-    dtype = _xyz_dtype(msg)
-    _check_size(msg)
-    return _view_xyz(msg, dtype)
+    return _view_xyz(msg, _xyz_dtype(msg))
 
 
 def _view_xyz(msg: PointCloud2, dtype: np.dtype) -> np.ndarray:
-    """Return the finite x y z of a validated cloud whose points have structured ``dtype``."""
+    """Return the finite x y z of a checked cloud whose points have structured ``dtype``."""
     points = np.ndarray(shape=(msg.height, msg.width), dtype=dtype,
                         buffer=np.frombuffer(msg.data, dtype=np.uint8),
                         strides=(msg.row_step, msg.point_step))
-    xyz = recfunctions.structured_to_unstructured(points, dtype=np.float32)
+    wide = any(dtype.fields[name][0].itemsize > 4 for name in XYZ)
+    xyz = recfunctions.structured_to_unstructured(
+        points, dtype=np.float64 if wide else np.float32)
     return _finite_rows(xyz.reshape(-1, 3))
+
+
+def byteswapped_xyz(msg: PointCloud2, *, unit: str = DEFAULT_UNIT) -> np.ndarray:
+    """Return the finite points of a cloud read with the other byte order than it declares.
+
+    For diagnosis only: when the points read as declared are absurd and these are plausible,
+    ``is_bigendian`` is likely wrong. Raises InputError like :func:`cloud_to_xyz`.
+    """
+    per_m = units_per_m(unit)
+    check_layout(msg)
+    if msg.width * msg.height == 0:
+        return np.zeros((0, 3), np.float32)
+    xyz = _view_xyz(msg, _xyz_dtype(msg, swap_bytes=True))
+    return _scaled(xyz, per_m)
 
 
 def _sensor_msgs_py_can_read(msg: PointCloud2) -> bool:
@@ -162,21 +299,20 @@ def cloud_to_xyz(msg: PointCloud2, *, unit: str = DEFAULT_UNIT) -> np.ndarray:
     """Return the finite points of a PointCloud2 (metres) as float32 (N, 3) x y z in ``unit``.
 
     Rows with a NaN or infinite coordinate are dropped; an empty cloud gives shape (0, 3).
-    Raises InputError naming the problem when x, y or z is missing or not FLOAT32/FLOAT64, or
-    when the data length does not match ``row_step x height``. With ``unit='m'`` the result
+    Raises InputError naming the problem when the layout is unreadable (see
+    :func:`check_layout`) or finite coordinates overflow float32. With ``unit='m'`` the result
     may share memory with ``msg.data``.
     """
     per_m = units_per_m(unit)
+    check_layout(msg)  # the same errors whichever reader runs
     if msg.width * msg.height == 0:
         return np.zeros((0, 3), np.float32)
-    dtype = _xyz_dtype(msg)  # the same errors whichever reader runs
-    _check_size(msg)
     if _point_cloud2 is not None and _sensor_msgs_py_can_read(msg):
         xyz = _point_cloud2.read_points_numpy(msg, field_names=list(XYZ), skip_nans=True)
-        xyz = _finite_rows(np.asarray(xyz, dtype=np.float32).reshape(-1, 3))
+        xyz = _finite_rows(np.asarray(xyz).reshape(-1, 3))
     else:
-        xyz = _view_xyz(msg, dtype)
-    return xyz * np.float32(per_m) if per_m != 1.0 else xyz
+        xyz = _view_xyz(msg, _xyz_dtype(msg))
+    return _scaled(xyz, per_m)
 
 
 def xyz_to_cloud(points: np.ndarray, frame_id: str, stamp: Stamp, *,
@@ -203,6 +339,44 @@ def xyz_to_cloud(points: np.ndarray, frame_id: str, stamp: Stamp, *,
     msg.row_step = msg.point_step * msg.width
     msg.is_dense = bool(np.isfinite(xyz).all())
     msg.data = array.array('B', xyz.tobytes())
+    return msg
+
+
+def image_to_cloud(xyz: np.ndarray, frame_id: str, stamp: Stamp, *,
+                   rgb: np.ndarray | None = None, unit: str = DEFAULT_UNIT) -> PointCloud2:
+    """Return an organised PointCloud2 (metres) of an (H, W, 3) image of points in ``unit``.
+
+    Pixels without a return hold NaN. With ``rgb`` ((H, W, 3) uint8) each point also has the
+    packed ``rgb`` FLOAT32 field of PCL and RGB-D drivers (0x00RRGGBB), 16 bytes per point.
+    """
+    per_m = units_per_m(unit)
+    xyz = np.asarray(xyz)
+    if xyz.ndim != 3 or xyz.shape[2] != 3:
+        raise ValueError(f'xyz has shape {xyz.shape}; expected (H, W, 3)')
+    height, width = xyz.shape[:2]
+    names = list(XYZ) + ([] if rgb is None else ['rgb'])
+    layout = np.dtype({'names': names, 'formats': ['<f4'] * len(names),
+                       'offsets': [4 * i for i in range(len(names))], 'itemsize': 4 * len(names)})
+    points = np.zeros((height, width), layout)
+    for i, name in enumerate(XYZ):
+        points[name] = xyz[..., i] / per_m
+    if rgb is not None:
+        rgb = np.asarray(rgb, dtype=np.uint32)
+        if rgb.shape != xyz.shape:
+            raise ValueError(f'rgb has shape {rgb.shape}; expected {xyz.shape} (uint8)')
+        packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        points['rgb'] = packed.astype('<u4').view('<f4')
+    msg = PointCloud2()
+    msg.header.frame_id = frame_id
+    msg.header.stamp = to_time_msg(stamp)
+    msg.height, msg.width = height, width
+    msg.fields = [PointField(name=name, offset=4 * i, datatype=PointField.FLOAT32, count=1)
+                  for i, name in enumerate(names)]
+    msg.is_bigendian = False
+    msg.point_step = layout.itemsize
+    msg.row_step = msg.point_step * width
+    msg.is_dense = bool(np.isfinite(xyz).all())
+    msg.data = points.tobytes()
     return msg
 
 

@@ -1,11 +1,13 @@
 """ROS 2 node: register intraoperative bone clouds to the preoperative model, broadcast on tf.
 
-Inputs: sensor_msgs/PointCloud2 on the relative topic ``points`` (sensor-data QoS) and the
-preop loader's latched ``model`` topic (or the ``checkpoint`` / ``mesh_path`` parameters).
+Inputs: sensor_msgs/PointCloud2 on the relative topic ``points`` (QoS from the ``cloud_qos.*``
+parameters: reliable by default, as large clouds need) and the preop loader's latched
+``model`` topic (or the ``checkpoint`` / ``mesh_path`` parameters).
 Outputs, ONLY for results that pass every confidence gate: the transform
 ``robot_frame -> bone_frame`` on tf, stamped with the cloud's header stamp, and the cloud
 mapped into the bone frame on ``registered_points``. Every outcome, accepted or not, and
-every rejected input is reported on /diagnostics with the reason.
+every rejected input is reported on /diagnostics with the reason. No input can stop the
+node: anything a message provokes while it is read is a rejected input (``input_checks``).
 
 Modes: 'sweep' accumulates the slices of a probe sweep and registers the sweep; 'single'
 registers each cloud globally; 'track' registers the first cloud globally, then follows the
@@ -36,24 +38,34 @@ import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import qos_profile_sensor_data
-from rclpy.time import Time
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from neural_bone_reg.core.errors import CheckpointError, InputError
-from neural_bone_reg.core.io import check_points
+from neural_bone_reg.core.runtime import configure_threads, MAX_THREADS
 from neural_bone_reg.core.se3 import apply_transform, invert_transform
+from neural_bone_reg.ros import input_checks
 from neural_bone_reg.ros import params as ros_params
-from neural_bone_reg.ros.conversions import (cloud_to_xyz, matrix_to_transform_stamped,
+from neural_bone_reg.ros.conversions import (matrix_to_transform_stamped, to_time_msg,
                                              xyz_to_cloud)
-from neural_bone_reg.ros.diagnostics import diagnostic_array, DIAGNOSTICS_TOPIC, ERROR, OK, WARN
+from neural_bone_reg.ros.diagnostics import (cap_text, diagnostic_array, DIAGNOSTICS_TOPIC,
+                                             ERROR, OK, WARN)
 from neural_bone_reg.ros.model_info import decode_model_info
 from neural_bone_reg.ros.node_main import run_node
-from neural_bone_reg.ros.qos import DIAGNOSTICS_QOS, LATCHED_QOS
+from neural_bone_reg.ros.qos import (cloud_qos, DEFAULT_CLOUD_DEPTH, DEFAULT_CLOUD_HISTORY,
+                                     DEFAULT_CLOUD_RELIABILITY, DIAGNOSTICS_QOS, LATCHED_QOS,
+                                     MAX_CLOUD_DEPTH)
 from neural_bone_reg.ros.sweep_buffer import SweepBuffer
 from neural_bone_reg.ros.tf_compat import make_tf_broadcaster, send_transforms
+
+try:  # rclpy >= Iron; Humble has the same classes in rclpy.qos_event
+    from rclpy.event_handler import qos_policy_name_from_kind, SubscriptionEventCallbacks
+except ImportError:  # pragma: no cover - depends on the ROS distribution
+    try:
+        from rclpy.qos_event import qos_policy_name_from_kind, SubscriptionEventCallbacks
+    except ImportError:
+        SubscriptionEventCallbacks = qos_policy_name_from_kind = None
 
 NODE_NAME = 'registration_node'
 MODES = ('sweep', 'single', 'track')
@@ -116,6 +128,12 @@ class RegistrationNode(Node):
         """Declare and validate parameters, create the interfaces and start the worker."""
         super().__init__(node_name, **kwargs)
         self._declare_parameters()
+        # Before any torch work: the inter-op pool can only be sized before it first runs.
+        threads = configure_threads(self.get_parameter('threads.intra_op').value,
+                                    self.get_parameter('threads.inter_op').value)
+        self._cloud_qos = cloud_qos(self.get_parameter('cloud_qos.reliability').value,
+                                    self.get_parameter('cloud_qos.history').value,
+                                    self.get_parameter('cloud_qos.depth').value)
         self._mode = self._checked_choice('mode', MODES)
         self._device_name = self._checked_choice('device', DEVICES)
         self._preset = self.get_parameter('preset').value
@@ -123,6 +141,7 @@ class RegistrationNode(Node):
         self._device = self._resolve_device(self._device_name)
         self._robot_frame = self.get_parameter('robot_frame').value
         self._bone_frame_param = self.get_parameter('bone_frame').value
+        self._check_frames(self._robot_frame, self._bone_frame_param)
         self._max_cloud_points = self.get_parameter('max_cloud_points').value
         self._sweep_min_points = self.get_parameter('sweep.min_points').value
         self._sweep_settle_s = self.get_parameter('sweep.settle_s').value
@@ -137,7 +156,11 @@ class RegistrationNode(Node):
             f'{self._sweep_min_points} sweep.max_age_s={self._sweep.max_age_s} '
             f'sweep.voxel_mm={self._sweep.voxel_mm} sweep.max_points={self._sweep.max_points} '
             f'sweep.settle_s={self._sweep_settle_s} sweep.max_wait_s={self._sweep_max_wait_s} '
-            f'track.max_gap_s={self._track_max_gap_s} track.max_age_s={self._track_max_age_s}\n'
+            f'track.max_gap_s={self._track_max_gap_s} track.max_age_s={self._track_max_age_s} '
+            f'cloud_qos.reliability={self.get_parameter("cloud_qos.reliability").value} '
+            f'cloud_qos.history={self.get_parameter("cloud_qos.history").value} '
+            f'cloud_qos.depth={self._cloud_qos.depth} '
+            f'threads.intra_op={threads[0]} threads.inter_op={threads[1]} (in use)\n'
             + ros_params.format_configs(self._configs, ('registration',)))
 
         # State shared with the worker, guarded by _cond.
@@ -168,6 +191,8 @@ class RegistrationNode(Node):
         self.n_solves = 0
         self.n_broadcasts = 0
         self.n_tracked = 0
+        self.n_lost = 0  # clouds the middleware reports lost (message_lost events)
+        self.n_incompatible = 0  # publishers whose QoS cannot match (incompatible_qos events)
         self.last_result: Any = None
         self.last_latency_s = float('nan')
 
@@ -176,8 +201,12 @@ class RegistrationNode(Node):
                                                      LATCHED_QOS)
         self._diag_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC,
                                                DIAGNOSTICS_QOS)
+        events = {}
+        if SubscriptionEventCallbacks is not None:  # unsupported events are skipped by rclpy
+            events['event_callbacks'] = SubscriptionEventCallbacks(
+                incompatible_qos=self.on_incompatible_qos, message_lost=self.on_message_lost)
         self._points_sub = self.create_subscription(PointCloud2, 'points', self.on_points,
-                                                    qos_profile_sensor_data)
+                                                    self._cloud_qos, **events)
         self._model_sub = self.create_subscription(String, 'model', self.on_model, LATCHED_QOS)
         self._model_status: tuple[bytes, str, dict[str, Any]] = (
             WARN, f'waiting for a model on {self.resolve_topic_name("model")}', {})
@@ -262,7 +291,34 @@ class RegistrationNode(Node):
                 'for its duration) once its last one is this old, so a slow drift along a '
                 'weakly constrained direction cannot build up for long, s.',
                 value_range=(0.1, 3600.0))
+        declare(self, 'cloud_qos.reliability', DEFAULT_CLOUD_RELIABILITY,
+                "QoS reliability of the cloud subscription: 'reliable' (matches reliable "
+                "publishers only; delivers large clouds) or 'best_effort' (matches every "
+                'publisher; across processes Fast DDS lost every cloud above about 1 MB in '
+                'tests). Read-only.', read_only=True)
+        declare(self, 'cloud_qos.history', DEFAULT_CLOUD_HISTORY,
+                "QoS history of the cloud subscription: 'keep_last' (cloud_qos.depth clouds) or "
+                "'keep_all'. Read-only.", read_only=True)
+        declare(self, 'cloud_qos.depth', DEFAULT_CLOUD_DEPTH,
+                'QoS depth of the cloud subscription (keep_last): clouds held before the '
+                'callback takes them. Read-only.', value_range=(1, MAX_CLOUD_DEPTH),
+                read_only=True)
+        declare(self, 'threads.intra_op', 0,
+                'Torch intra-op threads of the solver; 0 = auto (the CPUs available, at most 4). '
+                'Read-only.', value_range=(0, MAX_THREADS), read_only=True)
+        declare(self, 'threads.inter_op', 0,
+                'Torch inter-op threads; 0 = auto (1: the solver runs one graph at a time). '
+                'Read-only.', value_range=(0, MAX_THREADS), read_only=True)
         ros_params.declare_config_parameters(self, CONFIG_SECTIONS)
+
+    @staticmethod
+    def _check_frames(robot_frame: str, bone_frame: str) -> None:
+        """Raise ValueError for frame parameters tf cannot take, or a bone frame = robot frame."""
+        input_checks.check_frame_id(robot_frame, 'parameter robot_frame')
+        input_checks.check_frame_id(bone_frame, 'parameter bone_frame')
+        if bone_frame and input_checks.tf_frame(robot_frame) == input_checks.tf_frame(bone_frame):
+            raise ValueError(f'parameters robot_frame and bone_frame are both {robot_frame!r}; '
+                             'expected different frames (a frame cannot be registered to itself)')
 
     def _checked_choice(self, name: str, choices: tuple[str, ...]) -> str:
         value = self.get_parameter(name).value
@@ -292,6 +348,8 @@ class RegistrationNode(Node):
             if 'mode' in changes and changes['mode'] not in MODES:
                 raise ValueError(f"parameter 'mode' must be one of {MODES}, "
                                  f"got {changes['mode']!r}")
+            self._check_frames(changes.get('robot_frame', self._robot_frame),
+                               changes.get('bone_frame', self._bone_frame_param))
             configs = ros_params.build_configs(self, CONFIG_SECTIONS, self._preset, changes)
             sweep = (self._make_sweep_buffer(changes)
                      if any(k.startswith('sweep.') for k in changes) else None)
@@ -323,35 +381,24 @@ class RegistrationNode(Node):
     # ----------------------------------------------------------------- callbacks
 
     def on_points(self, msg: PointCloud2) -> None:
-        """Convert and store one cloud (cheap checks only; the worker solves)."""
+        """Convert and store one cloud (cheap checks only; the worker solves).
+
+        Whatever a message provokes while it is checked and converted, it is refused with an
+        ERROR diagnostic and never reaches the solver or tf; the node never dies on input.
+        """
         received = time.monotonic()
         self.n_received += 1
-        n_declared = int(msg.width) * int(msg.height)
-        frame = msg.header.frame_id
-        if n_declared > self._max_cloud_points:
-            self._reject_input(msg, f'cloud declares {n_declared} points (width {msg.width} x '
-                                    f'height {msg.height}), more than max_cloud_points='
-                                    f'{self._max_cloud_points}; rejected before conversion')
-            return
-        if self._robot_frame and frame not in ('', self._robot_frame):
-            self._reject_input(msg, f'cloud is in frame {frame!r} but robot_frame is '
-                                    f'{self._robot_frame!r}; this node does no tf lookups, so '
-                                    "publish in robot_frame or set robot_frame to ''")
-            return
-        parent = self._robot_frame or frame
-        if not parent:
-            self._reject_input(msg, "cloud has an empty frame_id and robot_frame is ''; "
-                                    'cannot name the parent frame of the transform')
-            return
         try:
-            # Messages carry metres (REP 103); the arrays and the core work in mm.
-            xyz = check_points(cloud_to_xyz(msg), name=f'cloud in frame {parent!r}',
-                               min_points=1)
-            self._check_extent(xyz, parent)
+            self._store_cloud(*self._read_cloud(msg), received)
         except InputError as exc:
             self._reject_input(msg, str(exc))
-            return
-        stamp_ns = Time.from_msg(msg.header.stamp).nanoseconds
+        except Exception as exc:  # a message no check foresaw: refuse it, keep running
+            self._reject_input(msg, f'cannot read the cloud ({type(exc).__name__}: {exc}); '
+                                    'expected a well-formed sensor_msgs/PointCloud2')
+
+    def _store_cloud(self, xyz: np.ndarray, parent: str, stamp_ns: int,
+                     received: float) -> None:
+        """Hand a checked cloud to the worker: the depth-1 slot, or the sweep buffer."""
         with self._cond:
             if self._mode != 'sweep':
                 if self._pending is not None:
@@ -371,6 +418,51 @@ class RegistrationNode(Node):
                     self._sweep_dirty_since = received
                 self._sweep_dirty = due
             self._cond.notify_all()
+
+    def _read_cloud(self, msg: PointCloud2) -> tuple[np.ndarray, str, int]:
+        """Return (points in mm, parent frame, stamp ns) of a usable cloud; else InputError."""
+        n_declared = int(msg.width) * int(msg.height)
+        frame = msg.header.frame_id
+        input_checks.check_frame_id(frame)
+        if n_declared > self._max_cloud_points:
+            raise InputError(f'cloud declares {n_declared} points (width {msg.width} x height '
+                             f'{msg.height}), more than max_cloud_points={self._max_cloud_points}'
+                             '; rejected before conversion')
+        if self._robot_frame and frame not in ('', self._robot_frame):
+            raise InputError(f'cloud is in frame {input_checks.quoted(frame)} but robot_frame is '
+                             f'{self._robot_frame!r}; this node does no tf lookups, so publish '
+                             "in robot_frame or set robot_frame to ''")
+        parent = self._robot_frame or frame
+        if not parent:
+            raise InputError("cloud has an empty frame_id and robot_frame is ''; cannot name "
+                             'the parent frame of the transform')
+        stamp_ns = input_checks.check_header(msg, parent, self._bone_frame())
+        # Messages carry metres (REP 103); the arrays and the core work in mm.
+        xyz = input_checks.read_points(msg, parent, self._max_extent_mm)
+        return xyz, parent, stamp_ns
+
+    def on_incompatible_qos(self, info: Any) -> None:
+        """Report a publisher whose QoS cannot match the cloud subscription (nothing arrives)."""
+        self.n_incompatible = int(info.total_count)
+        policy = (qos_policy_name_from_kind(info.last_policy_kind)
+                  if qos_policy_name_from_kind is not None else str(info.last_policy_kind))
+        message = (f'{info.total_count_change} publisher(s) on '
+                   f'{self._points_sub.topic_name} offer a QoS incompatible with this '
+                   f'subscription ({policy} policy; subscription: '
+                   f'{self.get_parameter("cloud_qos.reliability").value}): none of their clouds '
+                   'can arrive; expected reliable publishers, or set cloud_qos.reliability to '
+                   'best_effort (which loses large clouds)')
+        self.get_logger().error(message, throttle_duration_sec=LOG_THROTTLE_S)
+        self._publish_diag('input', ERROR, message, {'incompatible_publishers': info.total_count})
+
+    def on_message_lost(self, info: Any) -> None:
+        """Count clouds the middleware reports lost, and say so."""
+        self.n_lost = int(info.total_count)
+        message = (f'{info.total_count_change} cloud(s) lost in transport ({info.total_count} '
+                   'so far); large clouds need cloud_qos.reliability reliable and a reliable '
+                   'publisher')
+        self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+        self._publish_diag('input', WARN, message, {'clouds_lost': info.total_count})
 
     def on_model(self, msg: String) -> None:
         """Queue the announced checkpoint for loading in the worker."""
@@ -571,7 +663,7 @@ class RegistrationNode(Node):
 
     def _solve(self, job: _Job, epoch: int) -> None:
         registrar = self._registrar
-        stamp = Time(nanoseconds=job.stamp_ns).to_msg()
+        stamp = to_time_msg(job.stamp_ns)  # checked on arrival: it cannot wrap
         bone_frame = self._bone_frame()
         context = {'frame_id': job.frame_id, 'bone_frame': bone_frame,
                    'stamp': f'{stamp.sec}.{stamp.nanosec:09d}', 'n_points': len(job.points),
@@ -583,8 +675,8 @@ class RegistrationNode(Node):
         except InputError as exc:
             with self._cond:
                 self._end_track()
+                self.n_rejected_inputs += 1
             self.n_solves += 1
-            self.n_rejected_inputs += 1
             message = f'input rejected, no transform broadcast: {exc}'
             self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
             self._publish_diag('registration', ERROR, message, context)
@@ -682,24 +774,19 @@ class RegistrationNode(Node):
 
     # ----------------------------------------------------------------- helpers
 
-    def _check_extent(self, xyz: np.ndarray, frame: str) -> None:
-        """Raise InputError when a cloud is wider than the bone could look (wrong units)."""
-        extent = float(np.linalg.norm(np.ptp(xyz, axis=0)))
-        if extent > self._max_extent_mm:
-            raise InputError(
-                f'cloud in frame {frame!r} spans {extent / 1000.0:.3g} m but the bone is at '
-                f'most {self._max_extent_mm / 1000.0:.3g} m across; expected a patch of this '
-                'bone with coordinates in metres (REP 103). Was it published in mm?')
-
     def _reject_input(self, msg: PointCloud2, reason: str) -> None:
-        self.n_rejected_inputs += 1
-        message = f'input rejected, no transform broadcast: {reason}'
+        with self._cond:  # the worker counts rejections too
+            self.n_rejected_inputs += 1
+        message = cap_text(f'input rejected, no transform broadcast: {reason}')
+        try:
+            stamp = msg.header.stamp
+            values = {'frame_id': msg.header.frame_id,
+                      'stamp': f'{stamp.sec}.{stamp.nanosec:09d}',
+                      'width': msg.width, 'height': msg.height}
+        except Exception:  # the report itself must not fail on a broken header
+            values = {}
         self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
-        stamp = msg.header.stamp
-        self._publish_diag('input', ERROR, message,
-                           {'frame_id': msg.header.frame_id,
-                            'stamp': f'{stamp.sec}.{stamp.nanosec:09d}',
-                            'width': msg.width, 'height': msg.height})
+        self._publish_diag('input', ERROR, message, values)
 
     def on_diagnostics_timer(self) -> None:
         """Repeat the model status, as diagnostic_updater does, for late subscribers."""
@@ -707,6 +794,7 @@ class RegistrationNode(Node):
         counters = {'clouds_received': self.n_received, 'inputs_rejected': self.n_rejected_inputs,
                     'clouds_dropped': self.n_dropped, 'solves': self.n_solves,
                     'broadcasts': self.n_broadcasts, 'tracked': self.n_tracked,
+                    'clouds_lost': self.n_lost, 'incompatible_publishers': self.n_incompatible,
                     'worker_busy': self._busy,
                     'sweep_points': self._sweep.n_points}
         self._diag_pub.publish(diagnostic_array(self, 'model', level, message,
