@@ -72,6 +72,8 @@ PIP_ONLY = {
 #: Keys in package.xml that no module imports by name, and why they are there.
 INDIRECT_KEYS = {
     'python3-rtree': "trimesh's spatial index (proximity, sampling queries)",
+    'rosgraph_msgs': 'ros/bag.py imports message packages by their type name (replayed bags, '
+                     '/clock for use_sim_time)',
 }
 #: The dependency tags of package format 3 whose keys rosdep installs.
 DEPEND_TAGS = ('depend', 'build_depend', 'build_export_depend', 'buildtool_depend',
