@@ -9,17 +9,25 @@ from pathlib import Path
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'ultrabones_hip'
 
 
-def real_data_parser(doc: str, trials: int | None = None) -> argparse.ArgumentParser:
+def real_data_parser(doc: str, trials: int | None = None,
+                     perturbation: bool = False) -> argparse.ArgumentParser:
     """Return a parser with --data, --seed, --device, --cache-dir, --cases, --json.
 
     ``doc`` is the script's docstring (its first line is the description); ``trials``, when
-    given, adds ``--trials`` with that default.
+    given, adds ``--trials`` with that default; ``perturbation`` adds the bench protocol's
+    ``--noise-mm`` and ``--patch-mm`` (see ``neural_bone_reg.core.bench``).
     """
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument('--data', type=Path, default=DEFAULT_DATA,
                         help='folder of NAME.stl + NAME.xyz pairs (clouds in the mesh frame)')
     if trials is not None:
         parser.add_argument('--trials', type=int, default=trials)
+    if perturbation:
+        parser.add_argument('--noise-mm', type=float, default=0.0,
+                            help='gaussian noise sigma added to each cloud, mm')
+        parser.add_argument('--patch-mm', type=float, default=0.0,
+                            help='keep only the points within this radius (mm) of a seeded '
+                                 'point of each cloud (0: the whole cloud)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='auto')
     parser.add_argument('--cache-dir')

@@ -2,7 +2,9 @@
 
 For trial k of each mesh, a probe-side patch covering 20-40 % of the surface is sampled with
 gaussian noise and outliers, moved by a random rigid transform (rotation uniform on SO(3),
-translation up to 100 mm) and registered back. Prints a table and writes JSON.
+translation up to 100 mm) and registered back. Each trial is scored by the bench protocol's
+``evaluate_trial`` (``neural_bone_reg.core.bench``: its floor, search-miss flag and covariance
+coverage). Prints a table with ``wrong_accepted`` (target 0) and writes JSON.
 
     .venv/bin/python benchmarks/bench_synthetic.py --trials 10 --json out/synthetic.json
 """
@@ -20,7 +22,8 @@ import numpy as np
 import torch
 
 from neural_bone_reg import BoneRegistrar
-from neural_bone_reg.core import metrics, sim
+from neural_bone_reg.core import sim
+from neural_bone_reg.core.bench import evaluate_trial, summarise
 from neural_bone_reg.core.config import configs_from_dict
 from neural_bone_reg.core.io import load_mesh
 from neural_bone_reg.core.se3 import apply_transform, invert_transform
@@ -67,36 +70,40 @@ def main() -> int:
                                                n_points=args.points)
             pose = sim.random_pose(rng, 100.0)
             moved = apply_transform(pose, cloud)
-            res = reg.register(moved)
-            truth = invert_transform(pose)
-            rre = metrics.rre_deg(res.transform, truth)
-            rte = metrics.rte_mm(res.transform, truth, moved)
-            rows.append({'case': path.stem, 'trial': trial, 'rre_deg': rre, 'rte_mm': rte,
-                         'success': metrics.is_success(rre, rte), 'accepted': res.accepted,
-                         'residual_mm': res.residual_mm, 'inlier_fraction': res.inlier_fraction,
-                         'ambiguity': res.ambiguity, 'time_s': res.time_s,
-                         'udf_load_or_train_s': load_s, 'udf_accuracy': reg.model.accuracy})
-            r = rows[-1]
-            verdict = 'ok ' if r['success'] else 'BAD'
-            decision = 'accepted' if r['accepted'] else 'rejected'
-            print(f'{path.stem} #{trial}: RRE {rre:7.2f} RTE {rte:7.2f} {verdict} '
-                  f'{decision} amb {res.ambiguity:.2f} '
-                  f'res {res.residual_mm:.2f} {res.time_s:.2f} s', flush=True)
-    print('\n{:<24}{:>8}{:>7}{:>7}{:>7}{:>5}{:>10}{:>8}'.format(
-        'case', 'recall', 'RRE', 'RTE', 't med', 'acc', 'acc wrong', 'rej ok'))
+            row = {'case': path.stem, 'trial': trial,
+                   **evaluate_trial(reg, moved, invert_transform(pose)),
+                   'udf_load_or_train_s': load_s, 'udf_accuracy': reg.model.accuracy}
+            rows.append(row)
+            if 'input_error' in row:
+                print(f"{path.stem} #{trial}: input rejected: {row['input_error']}", flush=True)
+                continue
+            verdict = 'ok ' if row['success'] else 'BAD'
+            decision = 'accepted' if row['accepted'] else 'rejected'
+            print(f"{path.stem} #{trial}: RRE {row['rre_deg']:7.2f} RTE {row['rte_mm']:7.2f} "
+                  f"{verdict} {decision} amb {row['ambiguity']:.2f} "
+                  f"res {row['residual_mm']:.2f} {row['time_s']:.2f} s"
+                  f"{' MISS' if row['search_miss'] else ''}", flush=True)
+    print('\n{:<24}{:>8}{:>7}{:>7}{:>7}{:>5}{:>8}{:>16}{:>8}{:>8}{:>7}'.format(
+        'case', 'recall', 'RRE', 'RTE', 't med', 'acc', 'acc ok', 'wrong_accepted', 'ok rej',
+        'misses', 'cover'))
+    fmt = (lambda v: f'{v:.2f}' if v is not None else '-')
+    summaries = {}
     for case in [*sorted({r['case'] for r in rows}), 'overall']:
-        sub = [r for r in rows if case in ('overall', r['case'])]
-        ok = [r for r in sub if r['success']]
-        mean = (lambda key: np.mean([r[key] for r in ok]) if ok else float('nan'))
-        print(f"{case:<24}{len(ok) / len(sub):>8.2f}{mean('rre_deg'):>7.2f}{mean('rte_mm'):>7.2f}"
-              f"{np.median([r['time_s'] for r in sub]):>7.2f}{sum(r['accepted'] for r in sub):>5}"
-              f"{sum(r['accepted'] and not r['success'] for r in sub):>10}"
-              f"{sum(r['success'] and not r['accepted'] for r in sub):>8}")
+        s = summaries[case] = summarise([r for r in rows if case in ('overall', r['case'])])
+        print(f"{case:<24}{s['recall']:>8.2f}{fmt(s['rre_mean_deg']):>7}"
+              f"{fmt(s['rte_mean_mm']):>7}{fmt(s['time_median_s']):>7}{s['accepted']:>5}"
+              f"{s['accepted_correct']:>8.2f}{s['wrong_accepted']:>16}"
+              f"{s['correct_rejected']:>8}{s['search_misses']:>8}"
+              f"{fmt(s['coverage_trial_floor']):>7}")
+    overall = summaries['overall']
+    print(f"wrong_accepted: {overall['wrong_accepted']} of {overall['trials']} synthetic views "
+          f"(target 0); correct but refused: {overall['correct_rejected']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         cuda_device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         args.json.write_text(json.dumps({
-            'rows': rows, 'args': {k: str(v) for k, v in vars(args).items()},
+            'summary': summaries['overall'], 'per_case': summaries, 'rows': rows,
+            'args': {k: str(v) for k, v in vars(args).items()},
             'machine': {'torch': torch.__version__, 'threads': torch.get_num_threads(),
                         'cpu': platform.processor() or platform.machine(),
                         'cuda': cuda_device}},

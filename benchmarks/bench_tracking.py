@@ -24,8 +24,8 @@ from scipy.spatial.transform import Rotation
 import torch
 
 from neural_bone_reg import BoneRegistrar
-from neural_bone_reg.cli.commands import bench_cases, bench_trial
 from neural_bone_reg.core import metrics
+from neural_bone_reg.core.bench import bench_cases, bench_trial
 from neural_bone_reg.core.io import load_cloud
 from neural_bone_reg.core.se3 import apply_transform, invert_transform, make_transform
 

@@ -2,9 +2,12 @@
 
 Uses the real pairs NAME.stl + NAME.xyz (default ../shared/data/ultrabones_hip), including the
 left cloud against the right femur (a mirror image: the wrong-side error). Each cloud is moved
-by the bench protocol first. Prints how many wrong-bone registrations were accepted (target 0).
+by the bench protocol first (``neural_bone_reg.core.bench``; ``--patch-mm`` and ``--noise-mm``
+as in ``neural-bone-reg bench``). Every acceptance is a wrong fit: prints ``wrong_accepted``
+per bone and overall (target 0) and exits 1 if any.
 
     .venv/bin/python benchmarks/bench_wrong_bone.py --trials 3
+    .venv/bin/python benchmarks/bench_wrong_bone.py --trials 3 --patch-mm 40
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ import sys
 from bench_common import real_data_parser
 
 from neural_bone_reg import BoneRegistrar
-from neural_bone_reg.cli.commands import bench_cases, bench_trial
+from neural_bone_reg.core.bench import bench_cases, bench_trial
 from neural_bone_reg.core.errors import InputError
 from neural_bone_reg.core.io import load_cloud
 
 
 def main() -> int:
     """Register every cloud to every other bone and count acceptances."""
-    args = real_data_parser(__doc__, trials=3).parse_args()
+    args = real_data_parser(__doc__, trials=3, perturbation=True).parse_args()
 
     cases = bench_cases(args.data, args.cases)
     clouds = {case: load_cloud(args.data / f'{case}.xyz') for case in cases}
@@ -34,14 +37,16 @@ def main() -> int:
             if source == bone:
                 continue
             for trial in range(args.trials):
-                moved, _ = bench_trial(clouds[source], args.seed, trial, 0.0)
+                moved, _ = bench_trial(clouds[source], args.seed, trial, args.noise_mm,
+                                       args.patch_mm)
                 try:
                     res = reg.register(moved)
                 except InputError as exc:  # e.g. a pelvis cloud larger than a femur
                     rows.append({'bone': bone, 'cloud': source, 'trial': trial, 'accepted': False,
-                                 'reason': f'input rejected: {exc}'})
+                                 'n_points': len(moved), 'reason': f'input rejected: {exc}'})
                 else:
                     rows.append({'bone': bone, 'cloud': source, 'trial': trial,
+                                 'n_points': len(moved),
                                  'accepted': res.accepted, 'residual_mm': res.residual_mm,
                                  'inlier_fraction': res.inlier_fraction,
                                  'ambiguity': res.ambiguity,
@@ -49,12 +54,22 @@ def main() -> int:
                 r = rows[-1]
                 print(f"{source} -> {bone} #{trial}: {'ACCEPTED' if r['accepted'] else 'rejected'}"
                       f" ({r['reason']})", flush=True)
-    accepted = sum(r['accepted'] for r in rows)
-    print(f'\nwrong-bone registrations accepted: {accepted} of {len(rows)}')
+    print(f"\n{'bone':<28}{'trials':>7}{'wrong_accepted':>16}")
+    per_bone = {}
+    for bone in cases:
+        sub = [r for r in rows if r['bone'] == bone]
+        per_bone[bone] = sum(r['accepted'] for r in sub)
+        print(f'{bone:<28}{len(sub):>7}{per_bone[bone]:>16}')
+    wrong_accepted = sum(per_bone.values())
+    print(f'wrong_accepted: {wrong_accepted} of {len(rows)} wrong-bone registrations '
+          f"(noise {args.noise_mm} mm, patch {args.patch_mm or 'none'} mm; target 0)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
-    return 0 if accepted == 0 else 1
+        args.json.write_text(json.dumps({
+            'wrong_accepted': wrong_accepted, 'per_bone': per_bone, 'rows': rows,
+            'protocol': {'seed': args.seed, 'trials': args.trials, 'noise_mm': args.noise_mm,
+                         'patch_mm': args.patch_mm}}, indent=2))
+    return 0 if wrong_accepted == 0 else 1
 
 
 if __name__ == '__main__':
