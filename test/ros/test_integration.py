@@ -17,6 +17,7 @@ import time
 from typing import Any, Iterator
 
 from diagnostic_msgs.msg import DiagnosticStatus
+from fuzz_support import organised_rgbd_cloud
 import numpy as np
 from process_support import NodeProcess, Probe, START_TIMEOUT_S
 import pytest
@@ -260,6 +261,41 @@ def test_invalid_parameters_stop_the_node_with_a_clear_message(setup: dict) -> N
         timeout=START_TIMEOUT_S)
     assert result.returncode == 2, result.stderr
     assert 'fine_top_k' in result.stderr + result.stdout
+
+
+def test_a_640x480_rgbd_cloud_from_another_process_reaches_the_node(setup: dict) -> None:
+    """Acceptance (issue 10): 4.9 MB organised xyz + rgb, default cloud QoS, registered."""
+    probe = setup['probe']
+    node, pub = _single_node(setup)
+    pose, good = _good_cloud(23)
+    msg = organised_rgbd_cloud(good / 1000.0, 'good_rgbd', time.time_ns(), seed=23)
+    assert (msg.height, msg.width, msg.point_step, len(msg.data)) == (480, 640, 16, 4_915_200)
+    before = probe.clouds_received('registration_single')
+    probe.deliver('registration_single', pub, msg)
+    assert probe.clouds_received('registration_single') > before, 'the cloud never arrived'
+    transform = probe.wait_tf('good_rgbd', 'bone', SOLVE_TIMEOUT_S)
+    assert transform is not None, 'no tf for the RGB-D cloud\n' + node.log()
+    estimate = transform_stamped_to_matrix(transform)
+    assert rotation_error_deg(estimate[:3, :3], pose[:3, :3]) < MAX_ROTATION_ERROR_DEG
+    assert np.linalg.norm(estimate[:3, 3] - pose[:3, 3]) < MAX_TRANSLATION_ERROR_MM
+
+
+def test_sigint_during_a_solve_exits_cleanly(setup: dict) -> None:
+    """A solve longer than the worker's join timeout once aborted the exit (code -6)."""
+    probe = setup['probe']
+    checkpoint = setup['registrar'].checkpoint_path
+    node = setup['start']('registration_node', 'registration_slow', [], '-p', 'mode:=single',
+                          '-p', f'checkpoint:={checkpoint}',
+                          '-p', 'registration.num_hypotheses:=4096',
+                          '-r', 'points:=/slow/points', '-r', 'model:=/slow/model')
+    assert probe.wait_diag('registration_slow: model', START_TIMEOUT_S,
+                           level=DiagnosticStatus.OK) is not None, node.log()
+    pub = matched_publisher(probe.node, PointCloud2, '/slow/points', CLOUD_PUBLISHER_QOS)
+    probe.deliver('registration_slow', pub, xyz_to_cloud(_good_cloud(29)[1], 'slow', 1))
+    beat = probe.next_heartbeat('registration_slow')
+    assert beat.get('worker_busy') == 'True', beat  # the default search takes seconds
+    setup['procs'].remove(node)
+    assert node.stop() == 0, node.log()
 
 
 def test_nodes_exit_cleanly_on_sigint(setup: dict) -> None:

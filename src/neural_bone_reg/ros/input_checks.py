@@ -73,7 +73,11 @@ def check_extent(xyz_mm: np.ndarray, frame: str, max_extent_mm: float) -> None:
 def _check_values(xyz_mm: np.ndarray, msg: PointCloud2, frame: str,
                   max_extent_mm: float) -> np.ndarray:
     """Return the checked float64 points, or raise InputError saying what is wrong."""
-    if len(xyz_mm) == 0 and msg.width * msg.height > 0:
+    if msg.width * msg.height == 0:
+        raise InputError(f'cloud in frame {quoted(frame)} is empty: it declares no points (width '
+                         f'{msg.width} x height {msg.height}, {len(msg.data)} bytes of data); '
+                         'expected at least 1 point')
+    if len(xyz_mm) == 0:
         raise InputError(f'all {msg.width * msg.height} points of the cloud in frame '
                          f'{quoted(frame)} have a NaN or infinite coordinate (all NaN or inf: no '
                          'returns); expected finite x y z in metres')

@@ -29,6 +29,8 @@ T_bone_cloud; the tf transform (parent = cloud/robot frame, child = bone frame) 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -75,6 +77,7 @@ CONFIG_SECTIONS = ('udf', 'train', 'registration')
 LOG_THROTTLE_S = 2.0
 #: Seconds the worker is given to finish when the node is destroyed.
 WORKER_JOIN_TIMEOUT_S = 5.0
+WORKER_THREAD_NAME = 'registration_worker'
 #: Period of the /diagnostics heartbeat that repeats the model status for late joiners, s.
 DIAGNOSTICS_PERIOD_S = 1.0
 #: Hard upper bound of the max_cloud_points parameter.
@@ -195,6 +198,7 @@ class RegistrationNode(Node):
         self.n_incompatible = 0  # publishers whose QoS cannot match (incompatible_qos events)
         self.last_result: Any = None
         self.last_latency_s = float('nan')
+        self.last_input_age_s = float('nan')
 
         self._tf_broadcaster = make_tf_broadcaster(self)
         self._registered_pub = self.create_publisher(PointCloud2, 'registered_points',
@@ -227,7 +231,7 @@ class RegistrationNode(Node):
         else:
             self.get_logger().info('waiting for a model on the latched topic '
                                    f'{self.resolve_topic_name("model")}')
-        self._worker = threading.Thread(target=self._run_worker, name='registration_worker',
+        self._worker = threading.Thread(target=self._run_worker, name=WORKER_THREAD_NAME,
                                         daemon=True)
         self._worker.start()
 
@@ -389,7 +393,10 @@ class RegistrationNode(Node):
         received = time.monotonic()
         self.n_received += 1
         try:
-            self._store_cloud(*self._read_cloud(msg), received)
+            xyz, parent, stamp_ns = self._read_cloud(msg)
+            # How old the cloud is on arrival by this node's clock: sensor and transport delay.
+            self.last_input_age_s = (self.get_clock().now().nanoseconds - stamp_ns) / 1e9
+            self._store_cloud(xyz, parent, stamp_ns, received)
         except InputError as exc:
             self._reject_input(msg, str(exc))
         except Exception as exc:  # a message no check foresaw: refuse it, keep running
@@ -795,6 +802,7 @@ class RegistrationNode(Node):
                     'clouds_dropped': self.n_dropped, 'solves': self.n_solves,
                     'broadcasts': self.n_broadcasts, 'tracked': self.n_tracked,
                     'clouds_lost': self.n_lost, 'incompatible_publishers': self.n_incompatible,
+                    'last_input_age_s': self.last_input_age_s,
                     'worker_busy': self._busy,
                     'sweep_points': self._sweep.n_points}
         self._diag_pub.publish(diagnostic_array(self, 'model', level, message,
@@ -817,8 +825,18 @@ class RegistrationNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    """Run the registration node until shutdown; return 2 for invalid parameters."""
-    return run_node(RegistrationNode, NODE_NAME, args)
+    """Run the registration node until shutdown; return 2 for invalid parameters.
+
+    A solve still running after the worker's join timeout cannot be interrupted; leaving the
+    interpreter normally would then abort (std::terminate on torch's joinable threads, exit
+    -6), so the process ends at once with its code instead: the solve's result is unwanted.
+    """
+    code = run_node(RegistrationNode, NODE_NAME, args)
+    if any(t.name == WORKER_THREAD_NAME and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == '__main__':
