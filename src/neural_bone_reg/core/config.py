@@ -145,12 +145,26 @@ class RegistrationConfig:
     """Accept only if the mean inlier distance is at most this."""
     gate_min_inlier_fraction: float = 0.6
     """Accept only if at least this share of points are inliers."""
-    gate_max_ambiguity: float = 0.72
-    """Accept only if best/alternative truncated cost is at most this (1 = indistinguishable).
-
-    Calibrated on real ultrasound: correct fits score 0.56-0.71 (up to 1 mm added noise), while
-    a left femur's cloud on the right femur (a mirror image: the wrong-side error) scores 0.80.
-    """
+    refined_candidates: int = 4
+    """Distinct candidates refined by ICP and compared by the uniqueness test (at most
+    ``final_candidates`` exist)."""
+    cluster_mm: float = 10.0
+    """Edge of the cubic clusters that confidence statistics treat as one correlated group of
+    points (ultrasound errors are shared by neighbours), mm. See ``core.confidence``."""
+    covariance_scale: float = 1.0
+    """Multiplier of the cluster-robust pose covariance (calibrated on held-out data)."""
+    gate_min_uniqueness_z: float = 4.0
+    """Accept only if the best pose fits better than the best distinct alternative by at least
+    this many standard errors (cluster-robust, so it adapts to the cloud's noise and size)."""
+    gate_max_bound_mm: float = 2.0
+    """Accept only if the 95 % position bound at the target point is at most this, mm."""
+    gate_max_bound_deg: float = 2.0
+    """Accept only if the 95 % rotation bound is at most this, degrees."""
+    precision_at_target: bool = False
+    """Judge the position bound at ``precision_target_mm`` instead of the cloud's centroid."""
+    precision_target_mm: tuple[float, ...] = (0.0, 0.0, 0.0)
+    """Bone-frame point (x, y, z mm) where the position bound is judged when
+    ``precision_at_target``, e.g. a planned drill entry or the implant's centre."""
     track_points: int = 1000
     """Tracking: points used by the frame-to-frame ICP (seeded subset); scoring uses all."""
     track_max_rotation_deg: float = 10.0
@@ -235,9 +249,27 @@ class RegistrationConfig:
         _check(0.0 <= self.gate_min_inlier_fraction <= 1.0,
                'registration.gate_min_inlier_fraction must be in [0, 1], '
                f'got {self.gate_min_inlier_fraction}')
-        _check(0.0 < self.gate_max_ambiguity <= 1.0,
-               'registration.gate_max_ambiguity must be in (0, 1], '
-               f'got {self.gate_max_ambiguity}')
+        _check(1 <= self.refined_candidates <= 64,
+               'registration.refined_candidates must be in [1, 64], '
+               f'got {self.refined_candidates}')
+        _check(0.5 <= self.cluster_mm <= 200.0,
+               f'registration.cluster_mm must be in [0.5, 200] mm, got {self.cluster_mm}')
+        _check(0.01 <= self.covariance_scale <= 1000.0,
+               'registration.covariance_scale must be in [0.01, 1000], '
+               f'got {self.covariance_scale}')
+        _check(0.0 <= self.gate_min_uniqueness_z <= 1000.0,
+               'registration.gate_min_uniqueness_z must be in [0, 1000], '
+               f'got {self.gate_min_uniqueness_z}')
+        _check(0.0 < self.gate_max_bound_mm <= 1000.0,
+               'registration.gate_max_bound_mm must be in (0, 1000] mm, '
+               f'got {self.gate_max_bound_mm}')
+        _check(0.0 < self.gate_max_bound_deg <= 180.0,
+               'registration.gate_max_bound_deg must be in (0, 180] deg, '
+               f'got {self.gate_max_bound_deg}')
+        target = self.precision_target_mm
+        _check(len(target) == 3 and all(abs(float(v)) <= 1e6 for v in target),
+               'registration.precision_target_mm must be three bone-frame mm coordinates '
+               f'within 1e6, got {target}')
         _check(6 <= self.track_points <= self.max_points,
                f'registration.track_points must be in [6, max_points={self.max_points}], '
                f'got {self.track_points}')

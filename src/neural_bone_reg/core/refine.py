@@ -63,7 +63,7 @@ class IcpResult:
 
 
 @dataclass(frozen=True)
-class _Linearisation:
+class Linearisation:
     """Point-to-plane residuals of matched pairs and their Jacobian, at one pose."""
 
     residual: np.ndarray
@@ -74,10 +74,16 @@ class _Linearisation:
     centre: np.ndarray
     radius: float
     """Mean distance of the matched points from ``centre``, mm."""
+    points: np.ndarray
+    """The matched (moved) points (M, 3)."""
+    normals: np.ndarray
+    """The surface normals they were matched to (M, 3)."""
+    valid: np.ndarray
+    """Which of the input points were matched (N,) bool."""
 
 
-def _linearise(surface: SurfaceModel, moved: np.ndarray,
-               robust_scale_mm: float) -> _Linearisation | None:
+def linearise(surface: SurfaceModel, moved: np.ndarray,
+              robust_scale_mm: float) -> Linearisation | None:
     """Match ``moved`` points to the surface and linearise; None with too few pairs."""
     dist, idx = surface.tree.query(
         moved, workers=1,
@@ -90,8 +96,8 @@ def _linearise(surface: SurfaceModel, moved: np.ndarray,
     weight = (robust_scale_mm ** 2 / (robust_scale_mm ** 2 + residual ** 2)) ** 2
     centre = q.mean(axis=0)  # linearise about the centroid: well conditioned far from origin
     radius = float(np.linalg.norm(q - centre, axis=1).mean()) or 1.0
-    return _Linearisation(residual, weight, np.hstack([np.cross(q - centre, n), n]), centre,
-                          radius)
+    return Linearisation(residual, weight, np.hstack([np.cross(q - centre, n), n]), centre,
+                         radius, q, n, valid)
 
 
 def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
@@ -107,7 +113,7 @@ def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
     radius = float(np.linalg.norm(points - points.mean(axis=0), axis=1).mean()) or 1.0
     moved_mm = float('inf')
     for iteration in range(1, max_iterations + 1):
-        lin = _linearise(surface, points @ rotation.T + translation, robust_scale_mm)
+        lin = linearise(surface, points @ rotation.T + translation, robust_scale_mm)
         if lin is None:
             return IcpResult(rotation, translation, iteration, False)  # last step: unknown
         weighted = lin.jacobian * lin.weight[:, None]
@@ -133,7 +139,11 @@ def constraint_ratio(surface: SurfaceModel, points: np.ndarray, rotation: np.nda
     the pose along it is not determined by the data. 0 when too few points touch the surface.
     """
     moved = np.asarray(points, dtype=np.float64) @ np.asarray(rotation).T + translation
-    lin = _linearise(surface, moved, robust_scale_mm)
+    return constraint_from_linearisation(linearise(surface, moved, robust_scale_mm))
+
+
+def constraint_from_linearisation(lin: Linearisation | None) -> float:
+    """Return :func:`constraint_ratio` of a linearisation already made (0 for None)."""
     if lin is None:
         return 0.0
     jac = lin.jacobian / np.array([lin.radius] * 3 + [1.0] * 3)

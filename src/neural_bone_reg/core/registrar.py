@@ -10,14 +10,18 @@ import time
 from typing import Any
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 import torch
 
+from neural_bone_reg.core.confidence import (check_geometry, cluster_labels, pose_covariance,
+                                             Precision, precision_bounds, uniqueness_z)
 from neural_bone_reg.core.config import Configs, registration_preset, RegistrationConfig
 from neural_bone_reg.core.errors import InputError
 from neural_bone_reg.core.fields import GridField
 from neural_bone_reg.core.io import check_points
-from neural_bone_reg.core.neural_reg import HypothesisSet, optimise, robust_cost
-from neural_bone_reg.core.refine import constraint_ratio, refine_icp, SurfaceModel
+from neural_bone_reg.core.neural_reg import HypothesisSet, optimise, robust_cost, StageResult
+from neural_bone_reg.core.refine import (constraint_from_linearisation, constraint_ratio,
+                                         linearise, refine_icp, SurfaceModel)
 from neural_bone_reg.core.se3 import fps_rotations, geodesic_deg, make_transform
 from neural_bone_reg.core.udf import load_checkpoint, train_or_load, UdfModel
 
@@ -37,8 +41,27 @@ MAX_ANCHORS = 8
 MAX_CLOUD_TO_BONE_EXTENT = 1.5
 #: ICP runs on at most this many points of the cloud (seeded subset); scoring uses all.
 ICP_POINTS = 3000
-#: How many distinct candidates are refined and compared for the ambiguity measure.
-REFINED_CANDIDATES = 3
+#: A cloud narrower than this share of the bone's diagonal is a patch: its hypotheses start on
+#: the bone surface, with the patch's normal along the surface normal (see _surface_poses).
+PATCH_FRACTION = 0.6
+#: Surface anchors (farthest-point samples of the bone surface) that patch hypotheses start at.
+SURFACE_ANCHORS = 384
+#: Spins about the surface normal tried at each anchor and normal sign.
+SURFACE_SPINS = 16
+#: Surface normals at the anchors are averaged over this radius (mm), on the same side.
+ANCHOR_NORMAL_RADIUS_MM = 6.0
+#: The patch's middle (for its sag) is the points within this share of its lateral radius.
+PATCH_MIDDLE_SHARE = 0.3
+#: Surface start poses are pre-scored this many at a time.
+PRESCREEN_BATCH = 4096
+#: Fine poses are re-scored on the whole cloud this many at a time (bounds the memory).
+RESCORE_BATCH = 8
+#: The cost ratio reported as ``ambiguity`` never divides by less than this (mm).
+AMBIGUITY_COST_FLOOR_MM = 0.05
+#: Guidance looks for disagreement on at most this many bone surface samples ...
+GUIDANCE_SAMPLES = 4000
+#: ... within this distance (mm) of the target (where the sweep is).
+GUIDANCE_RADIUS_MM = 80.0
 #: Tracking ICP: at most this many iterations, stopping once a step moves less than the
 #: tolerance (mm). Its own settings: tracking is ICP, whatever ``refine`` says for ``register``.
 TRACK_ICP_ITERATIONS = 30
@@ -90,6 +113,21 @@ class RegistrationResult:
     method: str = 'global'
     step_deg: float = float('nan')
     step_mm: float = float('nan')
+    covariance: np.ndarray = field(default_factory=lambda: np.full((6, 6), np.inf))
+    """(6, 6) covariance of the error of ``transform``, a small rigid motion applied on the left
+    in the bone frame, ``T_true ~ exp(delta) @ transform``, delta = (tx, ty, tz) mm then
+    (rx, ry, rz) rad. Cluster-robust: see ``core.confidence``. Infinite when not measured."""
+    bound_mm: float = float('inf')
+    """95 % bound of the position at the cloud centroid (or ``precision_target_mm``), mm."""
+    bound_deg: float = float('inf')
+    """95 % bound of the rotation, degrees."""
+    uniqueness_z: float = float('nan')
+    """Standard errors by which the best pose fits better than the best distinct alternative."""
+    uniqueness_margin_mm: float = float('nan')
+    """Mean per-point truncated distance of the alternative minus that of the best, mm."""
+    guidance: str = ''
+    """For a refused result: where more data would help (least-constrained direction, where
+    candidate poses disagree). Empty when accepted."""
 
     def summary(self) -> dict[str, Any]:
         """Return a JSON-able dict of the result."""
@@ -109,6 +147,12 @@ class RegistrationResult:
             'method': self.method,
             'step_deg': self.step_deg,
             'step_mm': self.step_mm,
+            'covariance': self.covariance.tolist(),
+            'bound_mm': self.bound_mm,
+            'bound_deg': self.bound_deg,
+            'uniqueness_z': self.uniqueness_z,
+            'uniqueness_margin_mm': self.uniqueness_margin_mm,
+            'guidance': self.guidance,
         }
 
 
@@ -126,6 +170,7 @@ class BoneRegistrar:
         self._bone_diagonal = float(np.linalg.norm(np.ptp(self.surface.points, axis=0)))
         self._bone_lo = self.surface.points.min(axis=0)
         self._bone_hi = self.surface.points.max(axis=0)
+        self._anchors: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -193,106 +238,222 @@ class BoneRegistrar:
         return pts
 
     def register(self, points: np.ndarray) -> RegistrationResult:
-        """Register a partial cloud (N, 3) in mm, in any frame, to the bone; see the module doc."""
+        """Register a partial cloud (N, 3) in mm, in any frame, to the bone; see the module doc.
+
+        Stages: prepare (validate, refuse degenerate geometry, subsample), search (coarse then
+        fine NeuralReg over all hypotheses), rescore (the fine poses on the whole cloud, kept
+        distinct), refine (ICP on the best distinct candidates) and assess (fit, uniqueness,
+        covariance, precision, guidance).
+        """
         start = time.perf_counter()
-        cfg = self.config
         timings: dict[str, float] = {}
+        prep = self._prepare(points)
+        tick = time.perf_counter()
+        coarse, anchors = self._coarse(prep)
+        timings['coarse_s'] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        fine = self._fine(prep, coarse)
+        timings['fine_s'] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        candidates = self._rescore(prep, fine)
+        timings['rescore_s'] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        refined = self._refine(prep, candidates)
+        timings['refine_s'] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        result = self._assess(prep, refined)
+        timings['assess_s'] = time.perf_counter() - tick
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        timings.update(coarse_iterations=coarse.iterations, fine_iterations=fine.iterations,
+                       anchors=anchors)
+        return replace(result, time_s=time.perf_counter() - start, timings=timings)
+
+    # -- registration stages ------------------------------------------------------------------
+
+    def _prepare(self, points: np.ndarray) -> '_Prepared':
+        """Validate, refuse degenerate geometry, subsample; return the cloud on the device."""
+        cfg = self.config
         pts = self.validate(points)
+        check_geometry(pts)
         rng = np.random.default_rng(cfg.seed)
         if len(pts) > cfg.max_points:
             pts = pts[np.sort(rng.choice(len(pts), cfg.max_points, replace=False))]
         centroid = pts.mean(axis=0)
-        dev, dtype = self.device, torch.float32
-        cloud = torch.as_tensor(pts, dtype=dtype, device=dev)
-        centroid_t = torch.as_tensor(centroid, dtype=dtype, device=dev)
-        field = self.field()
+        cloud = torch.as_tensor(pts, dtype=torch.float32, device=self.device)
+        extent = float(np.linalg.norm(np.ptp(pts, axis=0)))
+        return _Prepared(pts, centroid, cloud,
+                         torch.as_tensor(centroid, dtype=torch.float32, device=self.device),
+                         rng, extent < PATCH_FRACTION * self._bone_diagonal)
 
-        # Coarse: all hypotheses on a few points.
-        tick = time.perf_counter()
-        rotations_np, landing_np, anchors = self._initial_poses(pts - centroid, rng)
-        rotations = torch.as_tensor(rotations_np, dtype=dtype, device=dev)
-        landing = torch.as_tensor(landing_np, dtype=dtype, device=dev)
-        hyps = HypothesisSet(rotations, landing, centroid_t, cfg.latent_dim, cfg.backbone_dim,
-                             cfg.translation_scale_mm, cfg.seed)
-        coarse_pts = cloud[torch.as_tensor(rng.choice(len(pts), min(cfg.coarse_points, len(pts)),
-                                                      replace=False), device=dev)]
-        coarse = optimise(hyps, field, coarse_pts, cfg.coarse_iterations, cfg.learning_rate,
-                          cfg.robust_scale_mm, cfg.early_stop_tolerance, cfg.fine_top_k,
-                          cfg.coarse_prune_every, cfg.coarse_prune_keep,
-                          min_survivors=min(4 * cfg.fine_top_k, cfg.num_hypotheses))
-        timings['coarse_s'] = time.perf_counter() - tick
+    def _subset(self, prep: '_Prepared', count: int) -> torch.Tensor:
+        """Return a seeded subset of ``count`` cloud points (all when fewer) on the device."""
+        n = len(prep.points)
+        pick = prep.rng.choice(n, min(count, n), replace=False)
+        return prep.cloud[torch.as_tensor(pick, device=self.device)]
 
-        # Fine: the best K distinct poses on many points, starting where the coarse stage left
-        # them. Keeping them distinct preserves the alternatives the ambiguity measure needs.
-        tick = time.perf_counter()
+    def _coarse(self, prep: '_Prepared') -> tuple[StageResult, int]:
+        """Optimise all hypotheses on a few points with successive halving."""
+        cfg = self.config
+        coarse_pts = self._subset(prep, cfg.coarse_points)
+        if prep.is_patch:
+            rotations_np, landing_np, anchors = self._surface_poses(prep, coarse_pts)
+        else:
+            rotations_np, landing_np, anchors = self._initial_poses(
+                prep.points - prep.centroid, prep.rng)
+        dtype = torch.float32
+        rotations = torch.as_tensor(rotations_np, dtype=dtype, device=self.device)
+        landing = torch.as_tensor(landing_np, dtype=dtype, device=self.device)
+        hyps = HypothesisSet(rotations, landing, prep.centroid_t, cfg.latent_dim,
+                             cfg.backbone_dim, cfg.translation_scale_mm, cfg.seed)
+        coarse = optimise(hyps, self.field(), coarse_pts, cfg.coarse_iterations,
+                          cfg.learning_rate, cfg.robust_scale_mm, cfg.early_stop_tolerance,
+                          cfg.fine_top_k, cfg.coarse_prune_every, cfg.coarse_prune_keep,
+                          min_survivors=min(4 * cfg.fine_top_k, len(rotations_np)))
+        return coarse, anchors
+
+    def _fine(self, prep: '_Prepared', coarse: StageResult) -> StageResult:
+        """Optimise the best K distinct coarse poses on many points.
+
+        Keeping them distinct preserves the alternatives the uniqueness test needs.
+        """
+        cfg = self.config
         order = torch.argsort(coarse.cost).cpu().numpy()
         top = torch.as_tensor(self._distinct(order, coarse.rotation.double().cpu().numpy(),
-                                             coarse.translation.double().cpu().numpy(), centroid,
-                                             cfg.fine_top_k), device=dev)
-        landing_k = coarse.rotation[top] @ centroid_t + coarse.translation[top]
-        fine_hyps = HypothesisSet(coarse.rotation[top], landing_k, centroid_t, cfg.latent_dim,
-                                  cfg.backbone_dim, cfg.translation_scale_mm, cfg.seed + 1)
-        fine_pts = cloud[torch.as_tensor(rng.choice(len(pts), min(cfg.fine_points, len(pts)),
-                                                    replace=False), device=dev)]
-        fine = optimise(fine_hyps, field, fine_pts, cfg.fine_iterations, cfg.learning_rate / 2,
-                        cfg.robust_scale_mm, cfg.early_stop_tolerance, cfg.final_candidates)
-        timings['fine_s'] = time.perf_counter() - tick
+                                             coarse.translation.double().cpu().numpy(),
+                                             prep.centroid, cfg.fine_top_k), device=self.device)
+        landing_k = coarse.rotation[top] @ prep.centroid_t + coarse.translation[top]
+        fine_hyps = HypothesisSet(coarse.rotation[top], landing_k, prep.centroid_t,
+                                  cfg.latent_dim, cfg.backbone_dim, cfg.translation_scale_mm,
+                                  cfg.seed + 1)
+        fine_pts = self._subset(prep, cfg.fine_points)
+        return optimise(fine_hyps, self.field(), fine_pts, cfg.fine_iterations,
+                        cfg.learning_rate / 2, cfg.robust_scale_mm, cfg.early_stop_tolerance,
+                        cfg.final_candidates)
 
-        # Final choice: re-score on the whole cloud, keep distinct poses, refine, compare.
-        tick = time.perf_counter()
+    def _rescore(self, prep: '_Prepared',
+                 fine: StageResult) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Return the fine poses as (R, t), best first on the whole cloud, kept distinct."""
+        cfg = self.config
         with torch.no_grad():
-            whole = torch.stack([
-                robust_cost(field, fine.rotation[i:i + 1], fine.translation[i:i + 1], cloud,
-                            cfg.robust_scale_mm)[0]
-                for i in range(len(fine.cost))])
+            whole = torch.cat([
+                robust_cost(self.field(), fine.rotation[i:i + RESCORE_BATCH],
+                            fine.translation[i:i + RESCORE_BATCH], prep.cloud,
+                            cfg.robust_scale_mm)
+                for i in range(0, len(fine.cost), RESCORE_BATCH)])
         order = torch.argsort(whole).cpu().numpy()
-        rot_np = fine.rotation.double().cpu().numpy()
-        tr_np = fine.translation.double().cpu().numpy()
-        distinct = self._distinct(order, rot_np, tr_np, centroid, cfg.final_candidates)
-        timings['rescore_s'] = time.perf_counter() - tick
+        rot = fine.rotation.double().cpu().numpy()
+        tr = fine.translation.double().cpu().numpy()
+        keep = self._distinct(order, rot, tr, prep.centroid, cfg.final_candidates)
+        return [(rot[i], tr[i]) for i in keep]
 
-        tick = time.perf_counter()
+    def _refine(self, prep: '_Prepared',
+                candidates: list[tuple[np.ndarray, np.ndarray]]) -> list['_Candidate']:
+        """ICP-refine the best distinct candidates; return them best first (truncated cost)."""
+        cfg = self.config
+        pts = prep.points
         icp_pts = pts if len(pts) <= ICP_POINTS else pts[
-            rng.choice(len(pts), ICP_POINTS, replace=False)]
+            prep.rng.choice(len(pts), ICP_POINTS, replace=False)]
         refined = []
-        for i in distinct[:REFINED_CANDIDATES]:
-            rot, tr = rot_np[i], tr_np[i]
+        for rot, tr in candidates[:min(cfg.refined_candidates, len(candidates))]:
             if cfg.refine and cfg.refine_iterations > 0:
                 icp = refine_icp(self.surface, icp_pts, rot, tr, cfg.robust_scale_mm,
                                  cfg.refine_iterations, cfg.refine_tolerance_mm)
                 rot, tr = icp.rotation, icp.translation
             dist = self.surface.distances(pts @ rot.T + tr)
-            truncated = float(np.minimum(dist, cfg.inlier_threshold_mm).mean())
-            refined.append((truncated, rot, tr, dist))
-        refined.sort(key=lambda item: item[0])
-        timings['refine_s'] = time.perf_counter() - tick
+            truncated = np.minimum(dist, cfg.inlier_threshold_mm)
+            refined.append(_Candidate(float(truncated.mean()), rot, tr, dist, truncated))
+        refined.sort(key=lambda item: item.cost)
+        # ICP can bring two candidates to one optimum: keep the first of each.
+        distinct: list[_Candidate] = []
+        for cand in refined:
+            if all(self._is_distinct(cand.rotation, cand.translation, kept.rotation,
+                                     kept.translation, prep.centroid) for kept in distinct):
+                distinct.append(cand)
+        return distinct
 
-        cost, rot, tr, dist = refined[0]
-        residual, inlier_fraction = self._fit_quality(dist)
-        constraint = constraint_ratio(self.surface, icp_pts, rot, tr, cfg.robust_scale_mm)
-        alternative = None
-        ambiguity = 0.0
-        # The best refined alternative that is still a distinct pose from the winner.
-        for alt_cost, alt_rot, alt_tr, _ in refined[1:]:
-            if self._is_distinct(rot, tr, alt_rot, alt_tr, centroid):
-                ambiguity = min(cost / max(alt_cost, 1e-9), 1.0)
-                alternative = make_transform(alt_rot, alt_tr)
-                break
+    def _assess(self, prep: '_Prepared', refined: list['_Candidate']) -> RegistrationResult:
+        """Judge the best candidate: fit, uniqueness, covariance, precision; say why not."""
+        cfg = self.config
+        best = refined[0]
+        pts = prep.points
+        moved = pts @ best.rotation.T + best.translation
+        residual, inlier_fraction = self._fit_quality(best.distances)
+        lin = linearise(self.surface, moved, cfg.robust_scale_mm)
         reasons = self._fit_reasons(residual, inlier_fraction)
-        if ambiguity > cfg.gate_max_ambiguity:
-            reasons.append(f'ambiguous: a distinct pose fits {ambiguity:.2f} as well '
-                           f'(gate {cfg.gate_max_ambiguity})')
-        if dev.type == 'cuda':
-            torch.cuda.synchronize(dev)
-        elapsed = time.perf_counter() - start
-        timings.update(coarse_iterations=coarse.iterations, fine_iterations=fine.iterations,
-                       anchors=anchors)
+        constraint = 0.0
+        covariance = np.full((6, 6), np.inf)
+        precision = None
+        use_target = cfg.precision_at_target
+        target = (np.asarray(cfg.precision_target_mm, dtype=np.float64) if use_target
+                  else moved.mean(axis=0))
+        if lin is not None:
+            labels, n_clusters = cluster_labels(lin.points, cfg.cluster_mm)
+            covariance = pose_covariance(lin.points, lin.normals, lin.residual, lin.weight,
+                                         labels, n_clusters) * cfg.covariance_scale
+            precision = precision_bounds(covariance, target)
+            constraint = constraint_from_linearisation(lin)
+        # Uniqueness: the best against the best distinct alternative, cluster by cluster.
+        alternative, ambiguity, z_score, margin = None, 0.0, float('inf'), float('nan')
+        if len(refined) > 1:
+            alt = refined[1]
+            alternative = make_transform(alt.rotation, alt.translation)
+            ambiguity = min(best.cost / max(alt.cost, AMBIGUITY_COST_FLOOR_MM), 1.0)
+            labels_all, n_all = cluster_labels(moved, cfg.cluster_mm)
+            z_score, margin, _ = uniqueness_z(best.truncated, alt.truncated, labels_all, n_all)
+            if not z_score >= cfg.gate_min_uniqueness_z:
+                reasons.append(
+                    f'ambiguous: a distinct pose ({_pose_gap(best, alt, prep.centroid)}) fits '
+                    f'only {margin:.3f} mm worse per point, {z_score:.1f} standard errors '
+                    f'(gate {cfg.gate_min_uniqueness_z})')
+        bound_mm = precision.bound_mm if precision else float('inf')
+        bound_deg = precision.bound_deg if precision else float('inf')
+        if not bound_mm <= cfg.gate_max_bound_mm:
+            reasons.append(f'imprecise: 95 % bound {bound_mm:.2f} mm at the '
+                           f'{"target" if use_target else "cloud centroid"} '
+                           f'(gate {cfg.gate_max_bound_mm} mm)')
+        if not bound_deg <= cfg.gate_max_bound_deg:
+            reasons.append(f'imprecise: 95 % rotation bound {bound_deg:.2f} deg '
+                           f'(gate {cfg.gate_max_bound_deg} deg)')
+        guidance = self._guidance(reasons, precision, best, refined, target, prep)
         return RegistrationResult(
-            transform=make_transform(rot, tr), accepted=not reasons, residual_mm=residual,
-            inlier_fraction=inlier_fraction, ambiguity=float(ambiguity),
-            rejection_reasons=tuple(reasons), n_points=len(pts), time_s=elapsed, timings=timings,
+            transform=make_transform(best.rotation, best.translation), accepted=not reasons,
+            residual_mm=residual, inlier_fraction=inlier_fraction, ambiguity=float(ambiguity),
+            rejection_reasons=tuple(reasons), n_points=len(pts), time_s=0.0,
             alternative_transform=alternative, candidates_refined=len(refined),
-            constraint=constraint)
+            constraint=constraint, covariance=covariance, bound_mm=bound_mm,
+            bound_deg=bound_deg, uniqueness_z=float(z_score), uniqueness_margin_mm=margin,
+            guidance=guidance)
+
+    def _guidance(self, reasons: list[str], precision: Precision | None, best: '_Candidate',
+                  refined: list['_Candidate'], target: np.ndarray, prep: '_Prepared') -> str:
+        """Say where more data would help when the result is refused; '' when accepted."""
+        if not reasons:
+            return ''
+        advice = []
+        if precision is not None and np.isfinite(precision.bound_mm):
+            axis = np.round(precision.weakest_translation, 2).tolist()
+            spin = np.round(precision.weakest_rotation_axis, 2).tolist()
+            advice.append(f'least constrained: translation along bone-frame {axis}, rotation '
+                          f'about {spin}; extend the sweep across that direction')
+        if len(refined) > 1:
+            alt = refined[1]
+            # The bone surface where the best and the alternative pose disagree most, among the
+            # places the alternative would put the cloud: scanning there decides between them.
+            relative = make_transform(alt.rotation, alt.translation) @ np.linalg.inv(
+                make_transform(best.rotation, best.translation))
+            surface = self.surface.points[:: max(len(self.surface.points) // GUIDANCE_SAMPLES,
+                                                 1)]
+            shift = np.linalg.norm(surface @ relative[:3, :3].T + relative[:3, 3] - surface,
+                                   axis=1)
+            near = np.linalg.norm(surface - target, axis=1) <= GUIDANCE_RADIUS_MM
+            pool = np.flatnonzero(near) if near.any() else np.arange(len(surface))
+            spot = surface[pool[np.argmax(shift[pool])]]
+            advice.append(f'candidate poses disagree most ({shift[pool].max():.0f} mm) near '
+                          f'bone point {np.round(spot, 0).tolist()} mm: add points there')
+        if not advice:
+            advice.append('no usable fit: acquire a larger patch of this bone')
+        return '; '.join(advice)
 
     def track(self, points: np.ndarray, prior: np.ndarray) -> RegistrationResult:
         """Follow a pose known from the previous frame: robust ICP from ``prior``, gated.
@@ -388,6 +549,67 @@ class BoneRegistrar:
         landing = np.concatenate([centre + f * spread for f in fractions])
         return np.tile(rot0, (count, 1, 1)), landing, count
 
+    def _surface_poses(self, prep: '_Prepared',
+                       coarse_pts: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+        """Return start poses of a patch: on the bone surface, patch normal on surface normal.
+
+        A patch lies on the bone, so its centroid starts at one of ``SURFACE_ANCHORS``
+        farthest-point samples of the surface, with the patch's normal (its thinnest principal
+        axis, either sign) turned onto the surface normal there, at ``SURFACE_SPINS`` spins
+        about it: a 1-dof rotation search per anchor instead of SO(3). These poses are scored
+        at once on the coarse points and the best ``num_hypotheses`` are optimised.
+        """
+        cfg = self.config
+        centred = prep.points - prep.centroid
+        sample = centred[:: max(len(centred) // BOX_SAMPLE_POINTS, 1)]
+        _, _, axes = np.linalg.svd(sample, full_matrices=False)
+        normal = axes[2]
+        height = sample @ normal
+        lateral = np.linalg.norm(sample - height[:, None] * normal, axis=1)
+        # Height of the patch's middle above its centroid (its sag), so the middle lands on the
+        # surface rather than the centroid.
+        middle = lateral <= PATCH_MIDDLE_SHARE * lateral.max()
+        sag = float(height[middle].mean()) if middle.any() else 0.0
+        anchors, anchor_normals = self._surface_anchors()
+        spins = np.linspace(0.0, 2.0 * np.pi, SURFACE_SPINS, endpoint=False)
+        rotations, landing = [], []
+        for sign in (1.0, -1.0):
+            align = _rotations_onto(sign * normal, anchor_normals)  # (A, 3, 3)
+            for spin in spins:
+                turn = Rotation.from_rotvec(anchor_normals * spin).as_matrix()
+                rotations.append(turn @ align)
+                landing.append(anchors - sign * sag * anchor_normals)
+        rotations = np.concatenate(rotations)
+        landing = np.concatenate(landing)
+        keep = min(cfg.num_hypotheses, len(rotations))
+        if keep < len(rotations):
+            dtype, dev = torch.float32, self.device
+            rot_t = torch.as_tensor(rotations, dtype=dtype, device=dev)
+            tr_t = torch.as_tensor(landing, dtype=dtype, device=dev) - rot_t @ prep.centroid_t
+            with torch.no_grad():
+                cost = torch.cat([
+                    robust_cost(self.field(), rot_t[i:i + PRESCREEN_BATCH],
+                                tr_t[i:i + PRESCREEN_BATCH], coarse_pts, cfg.robust_scale_mm)
+                    for i in range(0, len(rot_t), PRESCREEN_BATCH)])
+            best = torch.argsort(cost)[:keep].cpu().numpy()
+            rotations, landing = rotations[best], landing[best]
+        return rotations, landing, len(anchors)
+
+    def _surface_anchors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return farthest-point samples of the bone surface (A, 3) and their normals (A, 3)."""
+        if self._anchors is None:
+            points, normals = self.surface.points, self.surface.normals
+            chosen = _farthest_points(points, min(SURFACE_ANCHORS, len(points)))
+            smoothed = []
+            for i, near in zip(chosen, self.surface.tree.query_ball_point(
+                    points[chosen], ANCHOR_NORMAL_RADIUS_MM, workers=1)):
+                group = normals[near]
+                group = group[group @ normals[i] > 0.0]
+                mean = group.sum(axis=0) if len(group) else normals[i]
+                smoothed.append(mean / max(np.linalg.norm(mean), 1e-12))
+            self._anchors = (points[chosen], np.asarray(smoothed))
+        return self._anchors
+
     def _feasible_boxes(self, rotations: np.ndarray,
                         sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return per rotation the box (lo, hi) of centroids keeping the cloud in the bone."""
@@ -423,6 +645,65 @@ class BoneRegistrar:
             if len(chosen) == limit:
                 break
         return chosen
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated cloud ready for the search."""
+
+    points: np.ndarray
+    """(N, 3) float64 mm, subsampled to ``max_points``."""
+    centroid: np.ndarray
+    cloud: torch.Tensor
+    centroid_t: torch.Tensor
+    rng: np.random.Generator
+    is_patch: bool
+    """Small against the bone (see PATCH_FRACTION): hypotheses start on the surface."""
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A refined candidate pose with its per-point distances to the surface."""
+
+    cost: float
+    """Mean truncated distance, mm."""
+    rotation: np.ndarray
+    translation: np.ndarray
+    distances: np.ndarray
+    truncated: np.ndarray
+
+
+def _farthest_points(points: np.ndarray, count: int) -> np.ndarray:
+    """Return indices of ``count`` farthest-point samples of ``points`` (seeded at index 0)."""
+    chosen = np.zeros(count, dtype=np.int64)
+    nearest = np.linalg.norm(points - points[0], axis=1)
+    for k in range(1, count):
+        chosen[k] = int(np.argmax(nearest))
+        nearest = np.minimum(nearest, np.linalg.norm(points - points[chosen[k]], axis=1))
+    return chosen
+
+
+def _rotations_onto(source: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Return the smallest rotations (A, 3, 3) turning unit ``source`` onto unit ``targets``."""
+    cross = np.cross(source, targets)
+    sine = np.linalg.norm(cross, axis=1)
+    cosine = targets @ source
+    axis = cross / np.maximum(sine, 1e-12)[:, None]
+    opposite = sine < 1e-9  # antiparallel (or equal): any perpendicular axis will do
+    if opposite.any():
+        helper = np.eye(3)[np.argmin(np.abs(source))]
+        perpendicular = np.cross(source, helper)
+        axis[opposite] = perpendicular / np.linalg.norm(perpendicular)
+    angle = np.arctan2(sine, cosine)
+    return Rotation.from_rotvec(axis * angle[:, None]).as_matrix()
+
+
+def _pose_gap(a: _Candidate, b: _Candidate, centroid: np.ndarray) -> str:
+    """Describe how far apart two candidate poses are (rotation, and at the centroid)."""
+    angle = float(geodesic_deg(a.rotation, b.rotation))
+    shift = float(np.linalg.norm((a.rotation - b.rotation) @ centroid + a.translation
+                                 - b.translation))
+    return f'{angle:.0f} deg / {shift:.0f} mm away'
 
 
 def _check_prior(prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,208 @@
+"""How far a registration can be trusted: degeneracy, uniqueness, pose covariance, precision.
+
+Ultrasound (and depth-camera) points are not independent samples of the surface: segmentation
+and tracking errors are shared by neighbouring points. Every statistic here therefore treats
+the points in one cubic *cluster* of edge ``cluster_mm`` as one correlated group and takes its
+spread from the variation *between* clusters (cluster-robust, "sandwich" statistics):
+
+* :func:`uniqueness_z`: how many standard errors the best pose fits better than the best
+  distinct alternative, per-point truncated distances compared cluster by cluster.
+* :func:`pose_covariance`: the covariance of the pose error, sandwich form, plus the
+  Gauss-Newton term so that directions the data do not constrain at all stay uncertain.
+* :func:`precision_bounds`: the 95 % bounds that covariance implies at a point.
+
+Convention of the covariance (the package's): the error of ``T`` (cloud -> bone) is a small
+rigid motion applied on the LEFT, in the bone frame, ``T_true ~ exp(delta) @ T``, with
+``delta = (tx, ty, tz, rx, ry, rz)`` in mm and rad. A bone-frame point ``p`` then moves by
+``v + omega x p``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from neural_bone_reg.core.errors import InputError
+
+#: Points closer than this (mm) count as one point for the degeneracy test.
+DISTINCT_VOXEL_MM = 0.5
+#: Fewer distinct points than this cannot be a surface patch that pins six degrees of freedom.
+MIN_DISTINCT_POINTS = 50
+#: The cloud's width along its second principal axis (between the 2nd and 98th percentile)
+#: must reach this (mm): thinner is a line (collinear points), not a patch.
+MIN_SECOND_AXIS_MM = 5.0
+#: Percentiles bounding the principal-axis widths (robust to a few stray points).
+SPREAD_PERCENTILES = (2.0, 98.0)
+#: A standard error below this (mm) is not trusted: the uniqueness ratio's floor.
+MIN_STANDARD_ERROR_MM = 0.02
+#: Chi-square quantiles of the 95 % regions: 3 dof (a point, a rotation), 6 dof (the pose).
+CHI2_95_3DOF = float(stats.chi2.ppf(0.95, 3))
+CHI2_95_6DOF = float(stats.chi2.ppf(0.95, 6))
+#: Relative floor of the information matrix's eigenvalues: below it a direction is free.
+INFORMATION_FLOOR = 1e-12
+#: Parameters of a rigid pose, for the small-sample correction of the sandwich.
+POSE_DOF = 6
+
+
+def check_geometry(points: np.ndarray, name: str = 'cloud') -> None:
+    """Raise InputError when ``points`` (N, 3) mm cannot pin a rigid pose on any surface.
+
+    Refuses clouds of too few distinct points (repeated points, a few clusters) and clouds
+    with no width along their second principal axis (collinear points). A thin, planar patch
+    passes: whether its pose is determined is the covariance's question, not the geometry's.
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    distinct = len(np.unique(np.floor(pts / DISTINCT_VOXEL_MM).astype(np.int64), axis=0))
+    if distinct < MIN_DISTINCT_POINTS:
+        raise InputError(
+            f'{name} has only {distinct} distinct points ({DISTINCT_VOXEL_MM} mm apart) among '
+            f'{len(pts)}; expected a surface patch of at least {MIN_DISTINCT_POINTS} distinct '
+            'points (repeated or clustered points cannot pin six degrees of freedom)')
+    centred = pts - pts.mean(axis=0)
+    _, _, axes = np.linalg.svd(centred[:: max(len(centred) // 20000, 1)], full_matrices=False)
+    projected = centred @ axes.T
+    low, high = np.percentile(projected, SPREAD_PERCENTILES, axis=0)
+    widths = high - low
+    if widths[1] < MIN_SECOND_AXIS_MM:
+        raise InputError(
+            f'{name} is a line: {widths[0]:.1f} mm long but only {widths[1]:.2f} mm wide '
+            f'across it; expected a surface patch at least {MIN_SECOND_AXIS_MM} mm wide in two '
+            'directions (collinear points cannot pin a rotation about their line)')
+
+
+def cluster_labels(points: np.ndarray, cluster_mm: float) -> tuple[np.ndarray, int]:
+    """Return each point's cluster index (N,) on a grid of edge ``cluster_mm``, and the count."""
+    keys = np.floor(np.asarray(points, dtype=np.float64) / cluster_mm).astype(np.int64)
+    _, labels = np.unique(keys, axis=0, return_inverse=True)
+    labels = labels.reshape(-1)
+    return labels, int(labels.max()) + 1 if len(labels) else 0
+
+
+def uniqueness_z(best: np.ndarray, alternative: np.ndarray, labels: np.ndarray,
+                 n_clusters: int) -> tuple[float, float, float]:
+    """Return (z, margin, standard error) of ``alternative - best`` per-point costs (mm).
+
+    The margin is the mean per-point difference; its standard error comes from the spread of
+    the cluster sums (points within a cluster are correlated, clusters are not), with the
+    small-sample factor G / (G - 1), and never below ``MIN_STANDARD_ERROR_MM``. z >> 0: the
+    best pose is distinguishable from the alternative given this cloud's noise.
+    """
+    diff = np.asarray(alternative, dtype=np.float64) - np.asarray(best, dtype=np.float64)
+    count = len(diff)
+    margin = float(diff.mean())
+    sums = np.bincount(labels, weights=diff - margin, minlength=n_clusters)
+    factor = n_clusters / max(n_clusters - 1, 1)
+    std_error = max(float(np.sqrt(factor * np.sum(sums ** 2)) / count), MIN_STANDARD_ERROR_MM)
+    return margin / std_error, margin, std_error
+
+
+def pose_covariance(points: np.ndarray, normals: np.ndarray, residual: np.ndarray,
+                    weight: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Return the (6, 6) covariance of the pose error (see the module doc) of a converged fit.
+
+    ``points`` are the matched cloud points in the bone frame (M, 3), ``normals`` the surface
+    normals they were matched to, ``residual`` their signed point-to-plane distances (mm),
+    ``weight`` the robust weights, ``labels`` their clusters. The covariance is the
+    cluster-robust sandwich ``H^-1 B H^-1`` (B from the per-cluster scores), never below the
+    Gauss-Newton variance ``s^2 / lambda`` along an eigen-direction of the information ``H``,
+    so directions with no information get a huge variance.
+    """
+    centre = points.mean(axis=0)
+    # Jacobian of each residual w.r.t. (v, omega) about the centre (well conditioned).
+    jac = np.hstack([normals, np.cross(points - centre, normals)])
+    weighted = jac * weight[:, None]
+    info = weighted.T @ jac
+    eigval, eigvec = np.linalg.eigh(info)
+    floor = max(float(eigval[-1]), 1e-300) * INFORMATION_FLOOR
+    eigval = np.maximum(eigval, floor)
+    scores = np.zeros((n_clusters, POSE_DOF))
+    np.add.at(scores, labels, weighted * residual[:, None])
+    meat = scores.T @ scores * n_clusters / max(n_clusters - POSE_DOF, 1)
+    # The sandwich in the eigenbasis of the information: H^-1 B H^-1.
+    sandwich = (eigvec.T @ meat @ eigvec) / np.outer(eigval, eigval)
+    # Never less certain than Gauss-Newton along any eigen-direction: where the data carry
+    # no information at all, the sandwich is 0/0 and Gauss-Newton's s^2 / lambda is huge.
+    sigma2 = float(np.sum(weight * residual ** 2) / max(np.sum(weight), 1e-12))
+    sandwich += np.diag(np.maximum(sigma2 / eigval - np.diag(sandwich), 0.0))
+    cov_centre = eigvec @ sandwich @ eigvec.T
+    # Move the rotation centre to the bone-frame origin: v_origin = v_centre + centre x omega.
+    shift = np.eye(POSE_DOF)
+    shift[:3, 3:] = _skew(centre)
+    cov = shift @ cov_centre @ shift.T
+    return (cov + cov.T) / 2.0
+
+
+def systematic_residual(residual: np.ndarray, weight: np.ndarray, labels: np.ndarray,
+                        n_clusters: int) -> float:
+    """Return the RMS over clusters of the weighted mean signed residual (mm).
+
+    White sensor noise averages out within a cluster, a misfit does not: a wrong bone or a
+    wrong pose leaves whole regions of the cloud above or below the surface. So this is the
+    residual that says "wrong", whatever the noise level (each cluster counts by its points).
+    """
+    counts = np.bincount(labels, minlength=n_clusters)
+    weights = np.bincount(labels, weights=weight, minlength=n_clusters)
+    sums = np.bincount(labels, weights=weight * residual, minlength=n_clusters)
+    used = weights > 0.0
+    if not used.any():
+        return float('inf')
+    means = sums[used] / weights[used]
+    return float(np.sqrt(np.average(means ** 2, weights=counts[used])))
+
+
+def covariance_in_parent(transform: np.ndarray, covariance: np.ndarray) -> np.ndarray:
+    """Return the covariance of the bone's pose in the cloud (parent) frame, ROS-style (mm, rad).
+
+    ``transform`` maps cloud points into the bone frame and ``covariance`` is its error as in
+    the module doc. The bone's pose in the cloud frame is ``transform^-1``; its covariance over
+    (x, y, z) of the bone origin and small rotations about the parent's fixed X, Y, Z axes (as
+    geometry_msgs/PoseWithCovariance reads it) is the bone-frame covariance rotated into the
+    cloud frame: the bone origin moves by ``v`` under ``delta`` and rotations turn with it.
+    """
+    rotation = np.asarray(transform, dtype=np.float64)[:3, :3].T  # R of cloud <- bone
+    block = np.zeros((POSE_DOF, POSE_DOF))
+    block[:3, :3] = block[3:, 3:] = rotation
+    out = block @ np.asarray(covariance, dtype=np.float64) @ block.T
+    return (out + out.T) / 2.0
+
+
+def point_covariance(covariance: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """Return the (3, 3) covariance of where the pose puts a bone-frame ``point`` (mm^2)."""
+    jac = np.hstack([np.eye(3), -_skew(np.asarray(point, dtype=np.float64))])
+    return jac @ covariance @ jac.T
+
+
+@dataclass(frozen=True)
+class Precision:
+    """95 % bounds of a pose at one point, and the directions they are widest along."""
+
+    bound_mm: float
+    """Largest semi-axis of the 95 % ellipsoid of the point's position, mm."""
+    bound_deg: float
+    """Largest semi-axis of the 95 % ellipsoid of the rotation, degrees."""
+    weakest_translation: np.ndarray
+    """Unit vector (bone frame) along which the point's position is least certain."""
+    weakest_rotation_axis: np.ndarray
+    """Unit axis (bone frame) about which the rotation is least certain."""
+
+
+def precision_bounds(covariance: np.ndarray, point: np.ndarray) -> Precision:
+    """Return the 95 % position bound at bone-frame ``point`` and the 95 % rotation bound."""
+    pos_val, pos_vec = np.linalg.eigh(point_covariance(covariance, point))
+    rot_val, rot_vec = np.linalg.eigh(covariance[3:, 3:])
+    bound_mm = float(np.sqrt(CHI2_95_3DOF * max(pos_val[-1], 0.0)))
+    bound_deg = float(np.degrees(np.sqrt(CHI2_95_3DOF * max(rot_val[-1], 0.0))))
+    return Precision(bound_mm, bound_deg, pos_vec[:, -1], rot_vec[:, -1])
+
+
+def mahalanobis2(delta: np.ndarray, covariance: np.ndarray) -> float:
+    """Return ``delta^T covariance^-1 delta`` (pseudo-inverse for singular covariances)."""
+    delta = np.asarray(delta, dtype=np.float64)
+    return float(delta @ np.linalg.pinv(covariance) @ delta)
+
+
+def _skew(vector: np.ndarray) -> np.ndarray:
+    x, y, z = vector
+    return np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])

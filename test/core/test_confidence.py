@@ -1,0 +1,152 @@
+"""Confidence statistics: degeneracy, uniqueness, cluster-robust covariance against Monte Carlo."""
+
+import numpy as np
+import pytest
+import trimesh
+
+from neural_bone_reg.core import confidence
+from neural_bone_reg.core.errors import InputError
+from neural_bone_reg.core.refine import linearise, refine_icp, SurfaceModel
+
+
+def _ellipsoid_surface(radii=(40.0, 25.0, 15.0), count=20000, seed=0):
+    mesh = trimesh.creation.icosphere(subdivisions=5)
+    mesh.apply_scale(radii)
+    points, faces = trimesh.sample.sample_surface_even(mesh, count, seed=seed)
+    return SurfaceModel.build(points, mesh.face_normals[faces]), mesh
+
+
+def _patch(mesh, centre, radius, count, rng):
+    points, faces = trimesh.sample.sample_surface(mesh, 60 * count, seed=int(rng.integers(1e9)))
+    keep = np.linalg.norm(points - centre, axis=1) <= radius
+    pick = rng.choice(np.flatnonzero(keep), count, replace=False)
+    return points[pick], mesh.face_normals[faces[pick]]
+
+
+def test_three_distinct_points_are_refused():
+    base = np.array([[100.0, 100.0, 100.0], [150.0, 100.0, 100.0], [100.0, 160.0, 120.0]])
+    with pytest.raises(InputError, match='distinct points'):
+        confidence.check_geometry(np.repeat(base, 700, axis=0))
+
+
+def test_collinear_points_are_refused():
+    line = np.linspace(0.0, 1.0, 2000)[:, None] * np.array([[80.0, 20.0, 5.0]])
+    with pytest.raises(InputError, match='line'):
+        confidence.check_geometry(line + 1e-3 * np.random.default_rng(0).normal(size=line.shape))
+
+
+def test_surface_patch_passes_the_geometry_check():
+    _, mesh = _ellipsoid_surface()
+    points, _ = _patch(mesh, np.array([40.0, 0.0, 0.0]), 20.0, 800, np.random.default_rng(1))
+    confidence.check_geometry(points)  # does not raise
+
+
+def test_uniqueness_z_separates_a_worse_fit_and_not_an_equal_one():
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0.0, 100.0, size=(4000, 3))
+    labels, count = confidence.cluster_labels(points, 10.0)
+    best = np.abs(rng.normal(scale=1.0, size=4000))
+    same = np.abs(rng.normal(scale=1.0, size=4000))
+    worse = best + 0.5
+    z_same, _, _ = confidence.uniqueness_z(best, same, labels, count)
+    z_worse, margin, _ = confidence.uniqueness_z(best, worse, labels, count)
+    assert abs(z_same) < 4.0
+    assert z_worse > 20.0 and margin == pytest.approx(0.5)
+
+
+def test_uniqueness_z_shrinks_when_errors_are_shared_within_clusters():
+    rng = np.random.default_rng(1)
+    points = rng.uniform(0.0, 100.0, size=(4000, 3))
+    labels, count = confidence.cluster_labels(points, 25.0)  # 64 clusters of about 60 points
+    best = np.zeros(4000)
+    # The alternative is worse by 0.2 mm on average, but with an error shared per cluster.
+    alternative = 0.2 + rng.normal(scale=1.0, size=count)[labels]
+    z_clustered, _, _ = confidence.uniqueness_z(best, alternative, labels, count)
+    z_naive, _, _ = confidence.uniqueness_z(best, alternative, np.arange(4000), 4000)
+    assert z_clustered < z_naive / 3.0
+
+
+def test_covariance_matches_monte_carlo_on_a_patch_with_known_noise():
+    surface, mesh = _ellipsoid_surface()
+    rng = np.random.default_rng(2)
+    sigma = 1.0
+    errors, predicted = [], []
+    for _ in range(60):
+        points, normals = _patch(mesh, np.array([30.0, 15.0, 6.0]), 30.0, 600, rng)
+        noisy = points + normals * rng.normal(scale=sigma, size=(len(points), 1))
+        icp = refine_icp(surface, noisy, np.eye(3), np.zeros(3), 3.0, 50, 1e-5)
+        moved = noisy @ icp.rotation.T + icp.translation
+        lin = linearise(surface, moved, 3.0)
+        labels, count = confidence.cluster_labels(lin.points, 5.0)
+        predicted.append(confidence.pose_covariance(lin.points, lin.normals, lin.residual,
+                                                    lin.weight, labels, count))
+        # The error of the estimate as a left motion in the bone frame: T_true = I.
+        rotvec = _rotvec(icp.rotation.T)
+        translation = -icp.rotation.T @ icp.translation
+        errors.append(np.r_[translation, rotvec])
+    errors = np.asarray(errors)
+    mean_cov = np.mean(predicted, axis=0)
+    empirical = np.cov(errors.T)
+    # Same size along the weakest and the strongest direction, within Monte Carlo scatter.
+    ratio = np.trace(np.linalg.solve(mean_cov, empirical)) / 6.0
+    assert 0.5 < ratio < 2.0, ratio
+    inside = [confidence.mahalanobis2(e, c) <= confidence.CHI2_95_6DOF
+              for e, c in zip(errors, predicted)]
+    assert np.mean(inside) >= 0.85
+
+
+def test_precision_bounds_of_a_known_covariance():
+    cov = np.diag([1.0, 4.0, 0.25, 1e-6, 1e-6, 4e-6])
+    precision = confidence.precision_bounds(cov, np.zeros(3))
+    assert precision.bound_mm == pytest.approx(2.0 * np.sqrt(confidence.CHI2_95_3DOF))
+    assert abs(precision.weakest_translation[1]) == pytest.approx(1.0)
+    assert precision.bound_deg == pytest.approx(
+        np.degrees(2e-3 * np.sqrt(confidence.CHI2_95_3DOF)))
+    # Away from the origin the rotation uncertainty adds to the position's.
+    far = confidence.precision_bounds(cov, np.array([1000.0, 0.0, 0.0]))
+    assert far.bound_mm > precision.bound_mm
+
+
+def test_free_direction_gets_a_huge_variance():
+    # A flat patch: sliding within the plane is not constrained at all.
+    rng = np.random.default_rng(3)
+    points = np.c_[rng.uniform(-20, 20, size=(500, 2)), np.zeros(500)]
+    normals = np.tile([0.0, 0.0, 1.0], (500, 1))
+    residual = rng.normal(scale=0.5, size=500)
+    labels, count = confidence.cluster_labels(points, 5.0)
+    cov = confidence.pose_covariance(points, normals, residual, np.ones(500), labels, count)
+    assert cov[0, 0] > 1e6 and cov[2, 2] < 1.0
+
+
+def _rotvec(rotation):
+    from scipy.spatial.transform import Rotation
+    return Rotation.from_matrix(rotation).as_rotvec()
+
+
+def test_covariance_in_parent_matches_sampled_poses():
+    from neural_bone_reg.core.se3 import make_transform, se3_exp
+    rng = np.random.default_rng(4)
+    rotation = _random_rotation(rng)
+    transform = make_transform(rotation, np.array([120.0, -40.0, 300.0]))  # cloud -> bone
+    root = np.diag([0.5, 1.0, 0.2, 2e-3, 1e-3, 4e-3]) @ _random_rotation6(rng)
+    cov = root @ root.T
+    samples = rng.multivariate_normal(np.zeros(6), cov, size=4000)
+    nominal = np.linalg.inv(transform)  # the bone's pose in the cloud frame
+    errors = []
+    for delta in samples:
+        pose = np.linalg.inv(se3_exp(delta) @ transform)
+        turn = pose[:3, :3] @ nominal[:3, :3].T  # fixed-axis (parent frame) rotation error
+        errors.append(np.r_[pose[:3, 3] - nominal[:3, 3], _rotvec(turn)])
+    empirical = np.cov(np.asarray(errors).T)
+    predicted = confidence.covariance_in_parent(transform, cov)
+    np.testing.assert_allclose(predicted, empirical, atol=0.06 * np.abs(cov).max())
+
+
+def _random_rotation(rng):
+    from scipy.spatial.transform import Rotation
+    return Rotation.random(random_state=int(rng.integers(1e9))).as_matrix()
+
+
+def _random_rotation6(rng):
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    return np.eye(6) * 0.7 + 0.3 * q
