@@ -107,6 +107,21 @@ def test_moves_are_those_of_before_patches(seed, trial, noise, truth, first_poin
     np.testing.assert_allclose(moved[:2], first_points, rtol=0, atol=1e-12)
 
 
+def test_bench_trials_are_seeded_and_follow_the_protocol():
+    from neural_bone_reg.core.se3 import rotation_angle_deg
+
+    cloud = _reference_cloud()
+    moved_a, truth_a = bench.bench_trial(cloud, 5, 1, 0.0)
+    moved_b, truth_b = bench.bench_trial(cloud, 5, 1, 0.0)
+    np.testing.assert_array_equal(moved_a, moved_b)
+    np.testing.assert_allclose(apply_transform(truth_a, moved_a), cloud, atol=1e-9)
+    trials = [bench.bench_trial(cloud, 5, k, 0.0) for k in range(20)]
+    shifts = [np.linalg.norm(moved.mean(0) - cloud.mean(0)) for moved, _ in trials]
+    assert max(shifts) <= bench.BENCH_MAX_TRANSLATION_MM
+    angles = [rotation_angle_deg(truth[:3, :3]) for _, truth in trials]
+    assert max(angles) > 90.0  # rotations span SO(3), not a small perturbation
+
+
 def test_cli_reexports_the_core_protocol():
     from neural_bone_reg.cli import commands
 

@@ -138,6 +138,8 @@ def _print_row(case: str, r: dict[str, Any]) -> None:
     flags = (' MISS' if r['search_miss'] else '') + (' =floor' if r['same_optimum'] else '')
     m2 = r['mahalanobis2_trial_floor']
     cover = f'  m2 {m2:.1f}' if m2 is not None else ''
+    if r['bound_mm'] is not None:
+        cover += f"  bound {r['bound_mm']:.2f} mm"
     print(f"{case} #{r['trial']}: RRE {r['rre_deg']:6.2f} deg  RTE {r['rte_mm']:6.2f} mm  "
           f"{verdict} {decision}  res {r['residual_mm']:.2f}  inl {r['inlier_fraction']:.2f}"
           f"  amb {r['ambiguity']:.2f}  {r['time_s']:.2f} s  n {r['n_points']}"

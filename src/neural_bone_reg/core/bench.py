@@ -274,6 +274,7 @@ def evaluate_trial(registrar: Any, moved: np.ndarray, truth: np.ndarray, *,
     row.update({
         'floor_rre_deg': floor.rre_deg, 'floor_rte_mm': floor.rte_mm,
         'floor_residual_mm': floor.residual_mm, 'floor_inlier_fraction': floor.inlier_fraction,
+        'floor_iterations': floor.iterations, 'floor_converged': floor.converged,
         'fit_residual_mm': fit[0], 'fit_inlier_fraction': fit[1],
         'same_optimum': bool(same),
         'search_miss': is_search_miss(success, fit, (floor.residual_mm, floor.inlier_fraction)),
