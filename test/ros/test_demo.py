@@ -55,6 +55,21 @@ def test_demo_registers_the_simulated_sweep_and_reports_latency(demo_args: list[
     assert 'error against the truth' in output
 
 
+def test_demo_registers_and_tracks_a_simulated_rgbd_stream(demo_args: list[str]) -> None:
+    # A small camera (320 x 240) for 2 s at 15 Hz keeps the bag and the run small.
+    result = run_demo('--sensor', 'rgbd', '--seed', '1', '--make-bag-args',
+                      '--resolution 320x240 --frames 30', *demo_args)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert ('organized clouds on /camera/depth/color/points in frame '
+            "'camera_color_optical_frame'") in output
+    assert "registration node mode 'track'" in output
+    # The node broadcast camera -> bone; the demo composed it with the mount on /tf_static.
+    assert 'transform camera_color_optical_frame -> bone on tf' in output
+    assert 'composed with the mount robot_base -> camera_color_optical_frame' in output
+    assert 'to the transform on tf: ' in output and 'PASSED' in output
+
+
 def test_demo_fails_when_the_pose_disagrees_with_the_truth(
         demo_args: list[str], tmp_path: Path) -> None:
     rng = np.random.default_rng(3)

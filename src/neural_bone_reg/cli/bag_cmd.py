@@ -23,11 +23,16 @@ DEFAULT_POINTS_PER_FRAME = 300
 DEFAULT_RATE_HZ = 10.0
 DEFAULT_NOISE_MM = 1.0
 DEFAULT_OUTLIER_FRACTION = 0.02
-#: Defaults of ``make-bag --sensor rgbd``: 3 s at 15 Hz of a D435-like camera 0.4 m away.
-DEFAULT_RGBD_FRAMES = 45
+#: Defaults of ``make-bag --sensor rgbd``: 6 s at 15 Hz of a RealSense D435 in its 424 x 240
+#: colour mode (1.6 MB a cloud; 640x480 is 4.9 MB) 0.4 m away, looking at an 80 mm exposure
+#: of the bone's joint end (0.6 of its half length from the centre; for the phantom femur:
+#: head, neck and greater trochanter), the rest under soft tissue.
+DEFAULT_RGBD_FRAMES = 90
 DEFAULT_RGBD_RATE_HZ = 15.0
 DEFAULT_CAMERA_DISTANCE_MM = 400.0
-DEFAULT_RESOLUTION = '640x480'
+DEFAULT_RESOLUTION = '424x240'
+DEFAULT_EXPOSURE_MM = 80.0
+DEFAULT_EXPOSURE_OFFSET = 0.6
 #: Breathing-like bone motion of the RGB-D stream (amplitudes; 0 = a still bone).
 DEFAULT_MOTION_MM = 0.0
 DEFAULT_MOTION_DEG = 0.0
@@ -54,6 +59,13 @@ def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0.0:
         raise argparse.ArgumentTypeError(f'must be non-negative, got {text}')
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f'must be in [-1, 1], got {text}')
     return value
 
 
@@ -120,7 +132,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     camera.add_argument('--exposure-mm', type=_non_negative_float,
                         help='radius of the exposed bone around the point the camera looks at '
                              '(the rest is under soft tissue, segmented away); 0 = the whole '
-                             'bone is visible (default 0)')
+                             f'bone is visible (default {DEFAULT_EXPOSURE_MM:g})')
+    camera.add_argument('--exposure-offset', type=_unit_interval,
+                        help='where along the long axis the camera looks, as a share of the '
+                             "bone's half length from its centre: 1 its bulkier (joint) end, -1 "
+                             f'the other (default {DEFAULT_EXPOSURE_OFFSET:g})')
     camera.add_argument('--motion-mm', type=_non_negative_float,
                         help='amplitude of a slow breathing-like bone motion (4 s period); '
                              'the truth then goes on /tf per frame (default '
@@ -153,8 +169,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 _US_ONLY = ('points_per_frame', 'noise_mm', 'outliers')
-_RGBD_ONLY = ('resolution', 'distance_mm', 'exposure_mm', 'motion_mm', 'motion_deg',
-              'camera_frame')
+_RGBD_ONLY = ('resolution', 'distance_mm', 'exposure_mm', 'exposure_offset', 'motion_mm',
+              'motion_deg', 'camera_frame')
 
 
 def run_make_bag(args: argparse.Namespace) -> int:
@@ -217,7 +233,9 @@ def _make_rgbd_bag(args: argparse.Namespace) -> int:
     scene = RgbdScene(
         width=width, height=height,
         distance_mm=args.distance_mm or DEFAULT_CAMERA_DISTANCE_MM,
-        exposure_mm=args.exposure_mm or 0.0,
+        exposure_mm=DEFAULT_EXPOSURE_MM if args.exposure_mm is None else args.exposure_mm,
+        exposure_offset=(DEFAULT_EXPOSURE_OFFSET if args.exposure_offset is None
+                         else args.exposure_offset),
         motion_mm=DEFAULT_MOTION_MM if args.motion_mm is None else args.motion_mm,
         motion_deg=DEFAULT_MOTION_DEG if args.motion_deg is None else args.motion_deg)
     mesh = load_mesh(args.mesh if args.mesh else sim.phantom_mesh_path())
@@ -237,7 +255,9 @@ def _make_rgbd_bag(args: argparse.Namespace) -> int:
     valid = np.mean([f.valid.sum() for f in stream.frames])
     print(f'wrote {path} ({args.storage}): {frames} organized {width}x{height} clouds on '
           f'{topic} in {camera_frame} at {rate_hz:g} Hz ({valid:.0f} valid points a frame on '
-          f'average, camera {scene.distance_mm:g} mm away), camera mount {args.robot_frame} -> '
+          f'average, camera {scene.distance_mm:g} mm away, '
+          + (f'{scene.exposure_mm:g} mm exposure' if scene.exposure_mm else 'whole bone in view')
+          + f'), camera mount {args.robot_frame} -> '
           f'{camera_frame} on /tf_static, true pose {args.robot_frame} -> {args.truth_frame} '
           f'on {"/tf (moving bone)" if moving else "/tf_static"}')
     return 0

@@ -2,10 +2,15 @@
 
 On a private DDS domain (random ROS_DOMAIN_ID, localhost-only discovery) the demo starts the
 preop loader, the registration node and a bag replay as child processes, waits for the
-bone transform on tf, and compares it with the true pose recorded on the bag's /tf_static.
-Without ``--bag`` it first simulates a sweep over the bone with ``make-bag``. The exit code is
-0 only when the transform was accepted (only accepted results reach tf) and lies within
-2 degrees and 2 mm of the truth. The child processes are always terminated.
+bone transform on tf, and compares it with the true pose recorded in the bag. Without
+``--bag`` it first simulates the sensor with ``make-bag``: a tracked-ultrasound sweep in the
+robot frame (``--sensor us``, registered as one sweep), or an RGB-D camera stream in the
+camera's optical frame (``--sensor rgbd``, registered once and then tracked frame to frame).
+For a camera, the node broadcasts camera -> bone (it does no tf lookups here), and the demo
+composes it with the camera mount from the bag's /tf_static to compare robot -> bone with the
+truth. The exit code is 0 only when the transform was accepted (only accepted results reach
+tf) and lies within 2 degrees and 2 mm of the truth. The child processes are always
+terminated.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import os
 from pathlib import Path
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -48,6 +54,15 @@ LOG_TAIL_LINES = 25
 DEFAULT_TRUTH_FRAME = 'bone_truth'
 BONE_FRAME = 'bone'
 PACKAGE = 'neural_bone_reg'
+#: What ``--sensor`` simulates (``make-bag --sensor``), and the node mode each bag gets by
+#: default: a probe sweep is accumulated; camera frames (organized clouds) are registered
+#: once and then tracked at the camera rate from the newest frame, without backlog.
+SENSORS = ('us', 'rgbd')
+MODES = ('auto', 'sweep', 'single', 'track')
+SWEEP_MODE, CAMERA_MODE = 'sweep', 'track'
+#: Fast DDS transports for camera-sized messages (MBs at video rate): shared memory and TCP
+#: for data, UDP for discovery. Set for --sensor rgbd unless the environment chooses its own.
+LARGE_DATA_TRANSPORTS = ('FASTDDS_BUILTIN_TRANSPORTS', 'LARGE_DATA')
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -61,12 +76,21 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                     'mm of the truth.')
     demo.add_argument('--mesh', help='preoperative bone mesh (STL/PLY/OBJ, mm); default: the '
                                      'embedded phantom femur')
-    demo.add_argument('--bag', help='sweep bag with the true pose on /tf_static (from '
+    demo.add_argument('--bag', help='bag with the true pose on /tf_static or /tf (from '
                                     '`make-bag`); default: simulate one from --mesh')
     demo.add_argument('--timeout', type=float, default=DEFAULT_TIMEOUT_S,
                       help='seconds to wait for the transform, training included '
                            f'(default {DEFAULT_TIMEOUT_S:g})')
-    demo.add_argument('--seed', type=int, default=0, help='seed of the simulated sweep')
+    demo.add_argument('--sensor', choices=SENSORS, default='us',
+                      help='what to simulate without --bag: a tracked-ultrasound sweep (us, '
+                           'the default) or an RGB-D camera stream (rgbd)')
+    demo.add_argument('--mode', choices=MODES, default='auto',
+                      help=f"registration node mode (default auto: '{SWEEP_MODE}' for sweep "
+                           f"bags, '{CAMERA_MODE}' for organized camera clouds)")
+    demo.add_argument('--seed', type=int, default=0, help='seed of the simulated sensor')
+    demo.add_argument('--make-bag-args', default='', metavar='ARGS',
+                      help='extra make-bag options for the simulated bag, as one string '
+                           "(e.g. '--resolution 320x240 --frames 30')")
     demo.add_argument('--truth-frame', default=DEFAULT_TRUTH_FRAME,
                       help=f'child frame of the true pose in the bag (default '
                            f'{DEFAULT_TRUTH_FRAME})')
@@ -157,7 +181,15 @@ class Child:
 
 
 def read_bag(path: Path, truth_frame: str) -> dict[str, Any]:
-    """Return the bag's cloud topic, cloud count, last cloud stamp and true pose (or None)."""
+    """Return what the demo needs from a bag: its cloud topic and frame, the cloud count and
+    last stamp, whether clouds are organized, the true pose and the cloud frame's mount.
+
+    The truth is ``truth_frame`` on /tf_static (``truth``) or, for a moving bone, on /tf by
+    stamp (``truth_by_stamp``). ``mount`` is T_parent_cloudframe with the truth's parent: the
+    identity when the clouds are in that frame, else the static transform between the two
+    recorded on /tf_static (a camera mount), or None when the bag has none.
+    """
+    import numpy as np
     from rclpy.serialization import deserialize_message
     from rosbags.rosbag2 import Reader
     from sensor_msgs.msg import PointCloud2
@@ -165,8 +197,10 @@ def read_bag(path: Path, truth_frame: str) -> dict[str, Any]:
 
     from neural_bone_reg.ros.conversions import cloud_to_xyz, transform_stamped_to_matrix
 
-    info: dict[str, Any] = {'truth': None, 'robot_frame': '', 'last_stamp_ns': None, 'count': 0}
+    info: dict[str, Any] = {'truth': None, 'robot_frame': '', 'last_stamp_ns': None, 'count': 0,
+                            'truth_by_stamp': {}, 'organized': False, 'truth_parent': ''}
     point_sum, point_count = 0.0, 0
+    static: dict[tuple[str, str], Any] = {}
     with Reader(path) as reader:
         clouds = [c for c in reader.connections if c.msgtype == 'sensor_msgs/msg/PointCloud2']
         if len({c.topic for c in clouds}) != 1:
@@ -182,17 +216,30 @@ def read_bag(path: Path, truth_frame: str) -> dict[str, Any]:
             stamp = _stamp_ns(header.stamp)
             info['count'] += 1
             info['robot_frame'] = header.frame_id
+            info['organized'] = info['organized'] or cloud.height > 1
             if info['last_stamp_ns'] is None or stamp > info['last_stamp_ns']:
                 info['last_stamp_ns'] = stamp
-        static = [c for c in reader.connections if c.topic == '/tf_static']
-        for _, _, data in reader.messages(connections=static):
-            for transform in deserialize_message(bytes(data), TFMessage).transforms:
-                if transform.child_frame_id == truth_frame:
-                    info['truth'] = transform_stamped_to_matrix(transform)
-                    info['truth_parent'] = transform.header.frame_id
+        for topic in ('/tf_static', '/tf'):
+            connections = [c for c in reader.connections if c.topic == topic]
+            if not connections:
+                continue  # (rosbags reads every topic for an empty list)
+            for _, _, data in reader.messages(connections=connections):
+                for transform in deserialize_message(bytes(data), TFMessage).transforms:
+                    matrix = transform_stamped_to_matrix(transform)
+                    parent = transform.header.frame_id
+                    if transform.child_frame_id == truth_frame:
+                        info['truth_parent'] = parent
+                        if topic == '/tf_static':
+                            info['truth'] = matrix
+                        else:
+                            info['truth_by_stamp'][_stamp_ns(transform.header.stamp)] = matrix
+                    elif topic == '/tf_static':
+                        static[(parent, transform.child_frame_id)] = matrix
     if info['count'] == 0 or point_count == 0:
         raise ValueError(f'bag {path} holds no clouds (or only empty ones)')
     info['centroid'] = point_sum / point_count
+    parent, frame = info['truth_parent'], info['robot_frame']
+    info['mount'] = np.eye(4) if parent in ('', frame) else static.get((parent, frame))
     return info
 
 
@@ -309,8 +356,6 @@ def run_demo(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix='neural_bone_reg_demo_'))
     children: list[Child] = []
     print(f'demo: ROS_DOMAIN_ID={domain_id}, localhost only; work folder {work}')
-    import rclpy
-    rclpy.init()
     state: dict[str, Any] = {}
     try:
         return _run(args, env, work, children, state)
@@ -320,7 +365,9 @@ def run_demo(args: argparse.Namespace) -> int:
             child.stop()
         if watcher is not None:
             watcher.close()
-        rclpy.try_shutdown()
+        if state.get('rclpy'):
+            import rclpy
+            rclpy.try_shutdown()
         if args.keep:
             print(f'demo: kept {work}')
         else:
@@ -332,7 +379,7 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
     import numpy as np
 
     from neural_bone_reg.core.metrics import rre_deg, rte_mm
-    from neural_bone_reg.core.se3 import invert_transform
+    from neural_bone_reg.core.se3 import apply_transform, invert_transform
     from neural_bone_reg.ros.conversions import transform_stamped_to_matrix
     from neural_bone_reg.ros.model_info import decode_model_info
 
@@ -341,9 +388,10 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
     if args.bag:
         bag = Path(args.bag)
     else:
-        bag = work / 'sweep_bag'
+        bag = work / f'{args.sensor}_bag'
         argv = [sys.executable, '-m', 'neural_bone_reg.cli.main', 'make-bag', '--out', str(bag),
-                '--seed', str(args.seed), '--truth-frame', args.truth_frame]
+                '--sensor', args.sensor, '--seed', str(args.seed), '--truth-frame',
+                args.truth_frame, *shlex.split(args.make_bag_args)]
         if args.mesh:
             argv += ['--mesh', mesh]
         result = subprocess.run(argv, env=env, capture_output=True, text=True)
@@ -355,11 +403,23 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
         info = read_bag(bag, args.truth_frame)
     except (OSError, ValueError) as exc:
         return _fail(f'cannot read bag {bag}: {exc}', children)
-    robot_frame = info['robot_frame']
-    print(f"demo: bag {bag}: {info['count']} clouds on {info['topic']} in frame "
-          f"{robot_frame!r}; truth {'found' if info['truth'] is not None else 'MISSING'} on "
-          f'/tf_static ({args.truth_frame})')
+    robot_frame = info['robot_frame']  # the frame of the clouds: the node broadcasts from it
+    mode = args.mode if args.mode != 'auto' else (CAMERA_MODE if info['organized']
+                                                  else SWEEP_MODE)
+    where = ('/tf_static' if info['truth'] is not None
+             else '/tf (per frame)' if info['truth_by_stamp'] else 'MISSING')
+    print(f"demo: bag {bag}: {info['count']} {'organized ' if info['organized'] else ''}clouds "
+          f"on {info['topic']} in frame {robot_frame!r}; truth {args.truth_frame} on {where}; "
+          f'registration node mode {mode!r}')
+    if info['organized'] and LARGE_DATA_TRANSPORTS[0] not in env:
+        os.environ[LARGE_DATA_TRANSPORTS[0]] = env[LARGE_DATA_TRANSPORTS[0]] = (
+            LARGE_DATA_TRANSPORTS[1])
+        print(f'demo: camera-sized clouds: {"=".join(LARGE_DATA_TRANSPORTS)} for every process '
+              '(Fast DDS shared memory + TCP for large data)')
 
+    import rclpy
+    rclpy.init()  # after the transports are chosen: the participant reads them once
+    state['rclpy'] = True
     watcher = state['watcher'] = _Watcher(info['topic'], robot_frame)
     common = ['-p', f'device:={args.device}']
     if args.cache_dir:
@@ -372,7 +432,8 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
     registration_args = [
         find_executable('registration_node'), '--ros-args',
         *_params_files(registration_files), '-p', f'robot_frame:={robot_frame}',
-        '-p', f'bone_frame:={BONE_FRAME}', '-r', f"points:={info['topic']}", *common]
+        '-p', f'bone_frame:={BONE_FRAME}', '-p', f'mode:={mode}',
+        '-r', f"points:={info['topic']}", *common]
     if args.preset:
         registration_args += ['-p', f'preset:={args.preset}']
     children.append(Child('registration_node', registration_args, env, work))
@@ -446,19 +507,26 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
     if not final:
         print(f"demo: note: the node received {counters.get('clouds_received', '?')} of "
               f"{info['count']} clouds (best-effort sensor QoS) and its newest accepted "
-              'transform is for an earlier cloud than the last one of the sweep')
+              'transform is for an earlier cloud than the last one of the bag')
     estimate = transform_stamped_to_matrix(transform)
     np.set_printoptions(precision=4, suppress=True)
-    print(f'demo: transform {robot_frame} -> {BONE_FRAME} on tf (T_robot_bone, mm):')
+    print(f'demo: transform {robot_frame} -> {BONE_FRAME} on tf (T_{robot_frame}_bone, mm):')
     print(estimate)
     if status is not None:
         values = {kv.key: kv.value for kv in status.values}
         print('demo: ' + ', '.join(f'{k} {values[k]}' for k in
-                                   ('residual_mm', 'inlier_fraction', 'ambiguity', 'n_points',
-                                    'n_slices', 'solve_time_s', 'latency_s') if k in values))
+                                   ('method', 'residual_mm', 'inlier_fraction', 'ambiguity',
+                                    'constraint', 'n_points', 'n_slices', 'solve_time_s',
+                                    'latency_s') if k in values))
+    tracked = counters.get('tracked')
     print(f"demo: the registration node received {counters.get('clouds_received', '?')} of "
-          f"{info['count']} clouds and solved {counters.get('solves', '?')} times")
-    which = 'the last cloud of the sweep' if final else 'its cloud'
+          f"{info['count']} clouds and solved {counters.get('solves', '?')} times"
+          + (f' ({tracked} of them tracked frame to frame)' if mode == 'track' and tracked
+             else '')
+          + (f"; it skipped {counters['clouds_dropped']} clouds that a newer one replaced "
+             'while it solved (no backlog)' if mode != 'sweep' and 'clouds_dropped' in counters
+             else ''))
+    which = 'the last cloud of the bag' if final else 'its cloud'
     node_latency = ({kv.key: kv.value for kv in status.values}.get('latency_s')
                     if status is not None else None)
     if cloud_received is not None:
@@ -468,18 +536,31 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
         # The demo's own best-effort cloud subscription missed that cloud: use the node's clock.
         print(f'demo: latency from {which} to the transform on tf: {float(node_latency):.3f} s '
               '(measured by the registration node from receipt to broadcast)')
-    if info['truth'] is None:
-        return _fail(f'the bag has no true pose ({args.truth_frame} on /tf_static): the '
-                     'result cannot be checked', children)
-    truth = info['truth']
-    # The paper's errors: RRE, and RTE where both poses send the sweep's centroid (the bone,
+    stamp_ns = _stamp_ns(transform.header.stamp)
+    truth = info['truth'] if info['truth'] is not None else info['truth_by_stamp'].get(stamp_ns)
+    if truth is None:
+        return _fail(f'the bag has no true pose ({args.truth_frame} on /tf_static, or on /tf '
+                     'at the stamp of the transform): the result cannot be checked', children)
+    mount = info['mount']
+    if mount is None:
+        return _fail(f"the bag's /tf_static has no transform {info['truth_parent']} -> "
+                     f'{robot_frame} (the sensor mount): the result cannot be checked',
+                     children)
+    centroid = info['centroid'][None, :]
+    if robot_frame != info['truth_parent']:
+        # A camera: the node broadcast camera -> bone; the bag's mount gives robot -> camera.
+        estimate = mount @ estimate
+        centroid = apply_transform(mount, centroid)
+        print(f"demo: composed with the mount {info['truth_parent']} -> {robot_frame} from "
+              f"/tf_static: T_{info['truth_parent']}_bone (mm):")
+        print(estimate)
+    # The paper's errors: RRE, and RTE where both poses send the clouds' centroid (the bone,
     # not the frame origin, which may lie far away in CT coordinates).
     rotation_error = rre_deg(estimate, truth)
-    translation_error = rte_mm(invert_transform(estimate), invert_transform(truth),
-                               info['centroid'][None, :])
+    translation_error = rte_mm(invert_transform(estimate), invert_transform(truth), centroid)
     origin_error = float(np.linalg.norm(truth[:3, 3] - estimate[:3, 3]))
     print(f'demo: error against the truth: rotation {rotation_error:.3f} deg, translation '
-          f'{translation_error:.3f} mm at the sweep centroid (limits '
+          f'{translation_error:.3f} mm at the centroid of the clouds (limits '
           f'{MAX_ROTATION_ERROR_DEG:g} deg, {MAX_TRANSLATION_ERROR_MM:g} mm); '
           f'{origin_error:.3f} mm at the bone frame origin')
     if rotation_error > MAX_ROTATION_ERROR_DEG or translation_error > MAX_TRANSLATION_ERROR_MM:
