@@ -2,13 +2,16 @@
 """Latency of a 640 x 480 RGB-D cloud from another process to the node's callback and to tf.
 
 Starts a ``registration_node`` process with the package's params file (default cloud QoS:
-reliable, keep_last 5) and ``mode:=single`` on a phantom checkpoint, then publishes from this
-process organised 640 x 480 x + y + z + rgb clouds (4.9 MB, NaN where there is no return)
-of a posed phantom patch, stamped with the wall clock just before publishing, one at a time.
-Per cloud it records the node's ``last_input_age_s`` (its callback's clock minus the stamp,
-from the next heartbeat) and the arrival of the transform with that stamp on /tf.
+reliable, keep_last 5) and ``mode:=single``, then publishes from this process organised
+640 x 480 x + y + z + rgb clouds (4.9 MB, NaN where there is no return) of a posed phantom
+patch, stamped with the wall clock just before publishing, one at a time. Per cloud it records
+the node's ``last_input_age_s`` (its clock after checking and converting the cloud in the
+callback, minus the stamp; from the next heartbeat) and the arrival on /tf of the transform
+with that stamp. ``--phase transport`` runs the node without a model, so that no solve competes
+with the callback; ``--phase tf`` loads the checkpoint and waits for each transform.
 
-    .venv/bin/python benchmarks/bench_rgbd_delivery.py --checkpoint CKPT --clouds 10
+    .venv/bin/python benchmarks/bench_rgbd_delivery.py --phase transport --clouds 20
+    .venv/bin/python benchmarks/bench_rgbd_delivery.py --phase tf --checkpoint CKPT --clouds 5
 
 Without ``--checkpoint`` the phantom is trained (or loaded) with the default configs.
 """
@@ -52,7 +55,9 @@ def _image_cloud(points_mm, frame: str, stamp_ns: int, rng):
 def main() -> int:
     """Run the measurement; print and optionally save the latencies."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--phase', choices=('transport', 'tf'), default='tf')
     parser.add_argument('--checkpoint', type=Path, help='phantom checkpoint (else trained)')
+    parser.add_argument('--preset', default='default')
     parser.add_argument('--clouds', type=int, default=10)
     parser.add_argument('--gap-s', type=float, default=1.0, help='pause after each tf')
     parser.add_argument('--json', type=Path)
@@ -73,14 +78,17 @@ def main() -> int:
     from neural_bone_reg.ros.tf_compat import DYNAMIC_LISTENER_QOS
 
     checkpoint = args.checkpoint
-    if checkpoint is None:
+    if args.phase == 'transport':
+        checkpoint = ''
+    elif checkpoint is None:
         from neural_bone_reg import BoneRegistrar
         checkpoint = BoneRegistrar.from_mesh(sim.phantom_mesh_path()).checkpoint_path
     log = tempfile.NamedTemporaryFile(prefix='bench_rgbd_node_', suffix='.log', delete=False)
     node_proc = subprocess.Popen(
         [str(Path(sys.executable).parent / 'registration_node'), '--ros-args',
          '--params-file', str(REPO / 'config' / 'registration_node.yaml'),
-         '-p', f'checkpoint:={checkpoint}', '-p', 'mode:=single', '-r', 'points:=/rgbd/points',
+         *(['-p', f'checkpoint:={checkpoint}'] if checkpoint else []), '-p', 'mode:=single',
+         '-p', f'preset:={args.preset}', '-r', 'points:=/rgbd/points',
          '-r', '__node:=bench_rgbd_node'], stdout=log, stderr=subprocess.STDOUT)
     rclpy.init()
     probe = rclpy.create_node('bench_rgbd_probe')
@@ -104,8 +112,8 @@ def main() -> int:
                     with cond:
                         beats.append(values)
                         cond.notify_all()
-                if status.level == DiagnosticStatus.OK:
-                    model_ok.set()
+                if status.level == DiagnosticStatus.OK or args.phase == 'transport':
+                    model_ok.set()  # the model is loaded, or (transport) the node is up
 
     probe.create_subscription(TFMessage, '/tf', on_tf, DYNAMIC_LISTENER_QOS)
     probe.create_subscription(DiagnosticArray, '/diagnostics', on_diag, DIAGNOSTICS_QOS)
@@ -137,7 +145,8 @@ def main() -> int:
             pub.publish(msg)
             publish_s = time.process_time() - cpu0
             with cond:
-                got_tf = cond.wait_for(lambda: key in tf_arrivals, SOLVE_TIMEOUT_S)
+                got_tf = args.phase == 'tf' and cond.wait_for(lambda: key in tf_arrivals,
+                                                              SOLVE_TIMEOUT_S)
                 cond.wait_for(lambda: len(beats) > n_beats + 1, 5.0)
                 age = next((float(b['last_input_age_s']) for b in beats[n_beats:]
                             if int(b['clouds_received']) >= i + 1), float('nan'))
@@ -155,8 +164,11 @@ def main() -> int:
         node_proc.wait(15)
     ages = [r['callback_age_s'] for r in rows if r['callback_age_s'] == r['callback_age_s']]
     tfs = [r['tf_latency_s'] for r in rows if r['tf_latency_s'] == r['tf_latency_s']]
-    summary = {'clouds': len(rows), 'delivered': len(ages), 'registered': len(tfs),
+    summary = {'phase': args.phase, 'preset': args.preset,
+               'clouds': len(rows), 'delivered': len(ages), 'registered': len(tfs),
                'callback_median_ms': 1e3 * statistics.median(ages) if ages else None,
+               'callback_p90_ms': (1e3 * statistics.quantiles(ages, n=10)[-1]
+                                   if len(ages) > 1 else None),
                'callback_max_ms': 1e3 * max(ages) if ages else None,
                'tf_median_s': statistics.median(tfs) if tfs else None,
                'load_average': os.getloadavg()}

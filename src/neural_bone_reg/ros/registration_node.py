@@ -297,9 +297,10 @@ class RegistrationNode(Node):
                 value_range=(0.1, 3600.0))
         declare(self, 'cloud_qos.reliability', DEFAULT_CLOUD_RELIABILITY,
                 "QoS reliability of the cloud subscription: 'reliable' (matches reliable "
-                "publishers only; delivers large clouds) or 'best_effort' (matches every "
-                'publisher; across processes Fast DDS lost every cloud above about 1 MB in '
-                'tests). Read-only.', read_only=True)
+                'publishers only; delivered every cloud up to 24 MB across processes) or '
+                "'best_effort' (matches every publisher; across processes Fast DDS delivered "
+                'clouds of 0.3 MB but rarely or never larger ones; see the README). Read-only.',
+                read_only=True)
         declare(self, 'cloud_qos.history', DEFAULT_CLOUD_HISTORY,
                 "QoS history of the cloud subscription: 'keep_last' (cloud_qos.depth clouds) or "
                 "'keep_all'. Read-only.", read_only=True)
