@@ -755,6 +755,14 @@ def test_bad_model_messages_are_reported_and_the_node_keeps_running(
     assert array is not None, 'no ERROR diagnostic naming the corrupt checkpoint'
     assert 'corrupt' in find_status(array, 'model').message
     assert node._registrar is None
+    start = diags.count()  # a bone frame tf cannot take would become the child frame
+    model_pub.publish(String(data=json.dumps({
+        'checkpoint': str(corrupt), 'sha256': 'ab' * 32, 'units': 'mm',
+        'bone_frame': 'b' * 10_000, 'format_version': 1})))
+    array = diags.wait_for(lambda a: find_status(a, 'model', level=DiagnosticStatus.ERROR)
+                           is not None, MESSAGE_TIMEOUT_S, start=start)
+    assert array is not None and "model's bone_frame" in find_status(array, 'model').message
+    assert len(find_status(array, 'model').message) <= MAX_MESSAGE_CHARS
 
 
 # ---------------------------------------------------------------------------- preop loader

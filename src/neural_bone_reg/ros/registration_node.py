@@ -476,6 +476,7 @@ class RegistrationNode(Node):
         """Queue the announced checkpoint for loading in the worker."""
         try:
             info = decode_model_info(msg.data)
+            input_checks.check_frame_id(info.bone_frame, "the model's bone_frame")
         except ValueError as exc:
             self._publish_diag('model', ERROR, f'ignored model message: {exc}')
             self.get_logger().error(f'ignored model message: {exc}')
