@@ -610,10 +610,10 @@ def replay_main(argv: list[str]) -> int:
     """
     import rclpy
     from rclpy.executors import ExternalShutdownException
-    from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import PointCloud2
 
     from neural_bone_reg.ros.bag import play_bag
+    from neural_bone_reg.ros.qos import CLOUD_PUBLISHER_QOS
 
     if len(argv) != 4 or argv[0] != 'replay':
         print('usage: python -m neural_bone_reg.cli.demo_cmd replay BAG TOPIC SUBSCRIBERS',
@@ -623,7 +623,8 @@ def replay_main(argv: list[str]) -> int:
     rclpy.init()
     node = rclpy.create_node('neural_bone_reg_demo_replay')
     try:
-        probe = node.create_publisher(PointCloud2, topic, qos_profile_sensor_data)
+        # Reliable: it matches the node's reliable cloud subscription as well as best effort.
+        probe = node.create_publisher(PointCloud2, topic, CLOUD_PUBLISHER_QOS)
         deadline = time.monotonic() + REPLAY_DISCOVERY_TIMEOUT_S
         while probe.get_subscription_count() < subscribers and time.monotonic() < deadline:
             rclpy.spin_once(node, timeout_sec=0.1)
