@@ -94,3 +94,54 @@ def test_same_code_on_each_device(phantom_registrar, phantom_mesh, device):
     pose = sim.random_pose(rng)
     res = reg.register(apply_transform(pose, cloud))
     assert metrics.rre_deg(res.transform, invert_transform(pose)) < 2.0
+
+
+@pytest.mark.parametrize('preset', ['default', 'fast', 'paper'])
+def test_degenerate_clouds_are_refused_whatever_the_preset(phantom_registrar, preset):
+    from neural_bone_reg.core.config import registration_preset
+    reg = phantom_registrar.with_config(registration_preset(preset))
+    three = np.array([[100.0, 100.0, 100.0], [150.0, 100.0, 100.0], [100.0, 160.0, 120.0]])
+    with pytest.raises(InputError, match='distinct points'):
+        reg.register(np.repeat(three, 700, axis=0))
+    line = np.linspace(0.0, 1.0, 2000)[:, None] * np.array([[60.0, 30.0, 10.0]])
+    with pytest.raises(InputError, match='line'):
+        reg.register(line)
+
+
+def test_accepted_result_carries_a_finite_covariance_and_bounds(
+        phantom_registrar, phantom_mesh):
+    rng = np.random.default_rng(0)
+    cloud = sim.simulate_partial_cloud(phantom_mesh, rng, coverage=0.3, noise_mm=1.0,
+                                       outlier_fraction=0.05, n_points=2000)
+    res = phantom_registrar.register(cloud)
+    assert res.accepted, res.rejection_reasons
+    assert res.covariance.shape == (6, 6) and np.all(np.isfinite(res.covariance))
+    assert np.all(np.linalg.eigvalsh(res.covariance) > 0.0)
+    assert 0.0 < res.bound_mm <= phantom_registrar.config.gate_max_bound_mm
+    assert 0.0 < res.bound_deg <= phantom_registrar.config.gate_max_bound_deg
+    assert res.uniqueness_z >= phantom_registrar.config.gate_min_uniqueness_z
+    assert res.guidance == ''
+    assert set(res.summary()) >= {'covariance', 'bound_mm', 'bound_deg', 'uniqueness_z',
+                                  'guidance'}
+
+
+def test_refused_shaft_patch_says_where_more_data_would_help(phantom_registrar, phantom_mesh):
+    pts = np.asarray(phantom_mesh.sample(40_000, seed=3))
+    shaft = pts[(pts[:, 2] > 50) & (pts[:, 2] < 100)][:3000]
+    res = phantom_registrar.register(shaft)
+    assert not res.accepted
+    assert 'least constrained' in res.guidance or 'disagree' in res.guidance, res.guidance
+
+
+def test_precision_is_judged_at_a_configured_target(phantom_registrar, phantom_mesh):
+    from dataclasses import replace
+    rng = np.random.default_rng(0)
+    cloud = sim.simulate_partial_cloud(phantom_mesh, rng, coverage=0.3, noise_mm=1.0,
+                                       outlier_fraction=0.05, n_points=2000)
+    near = phantom_registrar.register(cloud)
+    far_target = tuple(float(v) for v in cloud.mean(axis=0) + np.array([0.0, 0.0, 2000.0]))
+    far = phantom_registrar.with_config(replace(
+        phantom_registrar.config, precision_at_target=True,
+        precision_target_mm=far_target)).register(cloud)
+    assert far.bound_mm > near.bound_mm  # rotation uncertainty grows with the lever arm
+    assert not far.accepted and any('target' in r for r in far.rejection_reasons)

@@ -220,14 +220,23 @@ def _coverage(covariance: Any, reference: np.ndarray | None,
     return {'delta': delta.tolist(), 'mahalanobis2': m2, 'inside95': bool(m2 <= CHI2_6DOF_95)}
 
 
+#: Residuals (mm) and inlier fractions closer than these are the same fit (ICP stopping at
+#: its tolerance, 0.01 mm per step, leaves differences of this order).
+SAME_FIT_RESIDUAL_MM = 0.005
+SAME_FIT_INLIERS = 0.0
+
+
 def is_search_miss(success: bool, fit: tuple[float, float],
                    floor_fit: tuple[float, float]) -> bool:
     """Return whether a result is a search miss: wrong, yet the floor pose fits better.
 
     ``fit`` and ``floor_fit`` are (residual mm, inlier fraction) of the result and of the floor
     on the same points: a miss has a higher residual and no more inliers than the floor.
+    Differences within ``SAME_FIT_RESIDUAL_MM`` / ``SAME_FIT_INLIERS`` are ICP round-off
+    (two runs stopping a hair apart in one optimum), not a better fit.
     """
-    return bool(not success and fit[0] > floor_fit[0] and fit[1] <= floor_fit[1])
+    return bool(not success and fit[0] > floor_fit[0] + SAME_FIT_RESIDUAL_MM
+                and fit[1] <= floor_fit[1] + SAME_FIT_INLIERS)
 
 
 def _optional_float(value: Any) -> float | None:

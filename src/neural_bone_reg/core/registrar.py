@@ -44,8 +44,9 @@ ICP_POINTS = 3000
 #: A cloud narrower than this share of the bone's diagonal is a patch: its hypotheses start on
 #: the bone surface, with the patch's normal along the surface normal (see _surface_poses).
 PATCH_FRACTION = 0.6
-#: Surface anchors (farthest-point samples of the bone surface) that patch hypotheses start at.
-SURFACE_ANCHORS = 384
+#: Patch hypotheses start at surface samples one per cube of this edge (mm), so a bigger bone
+#: gets more anchors.
+SURFACE_ANCHOR_SPACING_MM = 8.0
 #: Spins about the surface normal tried at each anchor and normal sign.
 SURFACE_SPINS = 16
 #: Surface normals at the anchors are averaged over this radius (mm), on the same side.
@@ -553,8 +554,8 @@ class BoneRegistrar:
                        coarse_pts: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
         """Return start poses of a patch: on the bone surface, patch normal on surface normal.
 
-        A patch lies on the bone, so its centroid starts at one of ``SURFACE_ANCHORS``
-        farthest-point samples of the surface, with the patch's normal (its thinnest principal
+        A patch lies on the bone, so its centroid starts at one surface sample per
+        ``SURFACE_ANCHOR_SPACING_MM`` cube, with the patch's normal (its thinnest principal
         axis, either sign) turned onto the surface normal there, at ``SURFACE_SPINS`` spins
         about it: a 1-dof rotation search per anchor instead of SO(3). These poses are scored
         at once on the coarse points and the best ``num_hypotheses`` are optimised.
@@ -596,18 +597,19 @@ class BoneRegistrar:
         return rotations, landing, len(anchors)
 
     def _surface_anchors(self) -> tuple[np.ndarray, np.ndarray]:
-        """Return farthest-point samples of the bone surface (A, 3) and their normals (A, 3)."""
+        """Return surface samples (A, 3), one per anchor-spacing cube, and their normals."""
         if self._anchors is None:
             points, normals = self.surface.points, self.surface.normals
-            chosen = _farthest_points(points, min(SURFACE_ANCHORS, len(points)))
+            keys = np.floor(points / SURFACE_ANCHOR_SPACING_MM).astype(np.int64)
+            _, first = np.unique(keys, axis=0, return_index=True)
             smoothed = []
-            for i, near in zip(chosen, self.surface.tree.query_ball_point(
-                    points[chosen], ANCHOR_NORMAL_RADIUS_MM, workers=1)):
+            for i, near in zip(first, self.surface.tree.query_ball_point(
+                    points[first], ANCHOR_NORMAL_RADIUS_MM, workers=1)):
                 group = normals[near]
                 group = group[group @ normals[i] > 0.0]
                 mean = group.sum(axis=0) if len(group) else normals[i]
                 smoothed.append(mean / max(np.linalg.norm(mean), 1e-12))
-            self._anchors = (points[chosen], np.asarray(smoothed))
+            self._anchors = (points[first], np.asarray(smoothed))
         return self._anchors
 
     def _feasible_boxes(self, rotations: np.ndarray,
@@ -671,16 +673,6 @@ class _Candidate:
     translation: np.ndarray
     distances: np.ndarray
     truncated: np.ndarray
-
-
-def _farthest_points(points: np.ndarray, count: int) -> np.ndarray:
-    """Return indices of ``count`` farthest-point samples of ``points`` (seeded at index 0)."""
-    chosen = np.zeros(count, dtype=np.int64)
-    nearest = np.linalg.norm(points - points[0], axis=1)
-    for k in range(1, count):
-        chosen[k] = int(np.argmax(nearest))
-        nearest = np.minimum(nearest, np.linalg.norm(points - points[chosen[k]], axis=1))
-    return chosen
 
 
 def _rotations_onto(source: np.ndarray, targets: np.ndarray) -> np.ndarray:
