@@ -1,10 +1,13 @@
-"""UDF training, accuracy, checkpoint save/load, the cache, and bad checkpoints."""
+"""UDF training, accuracy, the exact grid, checkpoint save/load, the cache, bad checkpoints."""
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from neural_bone_reg.core import udf
+from neural_bone_reg.core import fields, udf
 from neural_bone_reg.core.errors import CheckpointError, InputError
 
 
@@ -89,3 +92,91 @@ def test_stale_checkpoint_for_another_mesh(phantom_registrar):
 def test_missing_mesh(tmp_path):
     with pytest.raises(InputError, match='does not exist'):
         udf.train_or_load(tmp_path / 'missing.stl', tmp_path)
+
+
+def test_fields_module_does_not_import_udf():
+    # The distance backends depend on nothing else in the package: no fields <-> udf circle.
+    code = ('import sys, neural_bone_reg.core.fields; '
+            "sys.exit(int('neural_bone_reg.core.udf' in sys.modules))")
+    assert subprocess.run([sys.executable, '-c', code], check=False).returncode == 0
+    assert udf.DistanceGrid is fields.DistanceGrid
+
+
+def _voxel_centres(grid):
+    counts = grid.values.shape
+    axes = [grid.origin[i] + grid.voxel_mm * np.arange(n) for i, n in enumerate(counts)]
+    return np.stack(np.meshgrid(*axes, indexing='ij'), axis=-1).reshape(-1, 3)
+
+
+def test_exact_grid_holds_exact_distances_near_the_surface():
+    import trimesh
+
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=20.0)
+    supervise = udf._Supervision(sphere, None)
+    rng = np.random.default_rng(0)
+    lo, hi = sphere.bounds[0] - 15.0, sphere.bounds[1] + 15.0
+    surface = udf._grid_surface(sphere, None, 2.0, rng)
+    grid = udf.exact_grid(supervise, surface, lo, hi, 2.0, band_mm=6.0)
+    assert grid.values.shape == tuple(np.ceil((hi - lo) / 2.0).astype(int) + 1)
+    exact = supervise(_voxel_centres(grid))
+    values = grid.values.reshape(-1)
+    near = exact <= 3.0  # inside the band, whatever the distance transform's voxel error
+    assert near.sum() > 1000
+    np.testing.assert_allclose(values[near], exact[near], atol=1e-4)
+    # Farther out: the distance to a surface point, so never below the exact distance, and
+    # close to it.
+    assert np.all(values >= exact - 1e-4)
+    assert float(np.abs(values - exact).mean()) < 0.15  # 0.08 when written
+    # Trilinear lookups between the voxels stay close to the exact distance.
+    query = sphere.sample(2000, seed=1) + rng.normal(scale=2.0, size=(2000, 3))
+    looked_up = fields.GridField(grid)(torch.as_tensor(query, dtype=torch.float32)).numpy()
+    assert float(np.abs(looked_up - supervise(query)).mean()) < 0.3
+
+
+def test_grid_of_a_surface_cloud_holds_the_cloud_distance():
+    import trimesh
+
+    cloud = np.asarray(trimesh.creation.icosphere(subdivisions=4, radius=20.0).vertices)
+    supervise = udf._Supervision(None, cloud)
+    grid = udf.exact_grid(supervise, cloud, cloud.min(axis=0) - 10, cloud.max(axis=0) + 10, 3.0,
+                          band_mm=6.0)
+    nearest = supervise(_voxel_centres(grid))
+    values = grid.values.reshape(-1)
+    near = nearest <= 2.0
+    assert near.sum() > 100
+    np.testing.assert_allclose(values[near], nearest[near], atol=1e-4)
+    assert np.all(values >= nearest - 1e-4)
+
+
+def test_learning_rate_warms_up_then_decays():
+    from neural_bone_reg.core.config import TrainConfig
+
+    config = TrainConfig(iterations=1000, learning_rate=1e-2)
+    rates = udf.learning_rates(config)
+    warmup = int(udf.WARMUP_FRACTION * 1000)
+    assert len(rates) == 1000
+    assert rates[0] == pytest.approx(1e-2 / warmup)
+    assert rates[warmup - 1] == pytest.approx(1e-2)
+    assert max(rates) == pytest.approx(1e-2)
+    assert rates[-1] == pytest.approx(1e-2 * udf.FINAL_LR_FRACTION)
+    assert all(a >= b for a, b in zip(rates[warmup:], rates[warmup + 1:]))
+    assert udf.learning_rates(TrainConfig(iterations=1)) == [TrainConfig().learning_rate]
+
+
+def test_cache_key_follows_the_training_config_and_format():
+    from neural_bone_reg.core.config import TrainConfig, UdfConfig
+
+    base = udf.config_key(UdfConfig(), TrainConfig())
+    assert udf.config_key(UdfConfig(), TrainConfig(iterations=2999)) != base
+    assert udf.config_key(UdfConfig(), TrainConfig(near_surface_sigma_mm=(0.5, 2.0))) != base
+    assert udf.config_key(UdfConfig(hidden_dim=64), TrainConfig()) != base
+    assert udf.config_key(UdfConfig(), TrainConfig()) == base
+
+
+def test_version_1_checkpoint_still_loads(tmp_path, phantom_registrar):
+    payload = torch.load(phantom_registrar.checkpoint_path, weights_only=True)
+    payload['format_version'] = 1  # the grid then came from the MLP; the contents are the same
+    old = tmp_path / 'v1.pt'
+    torch.save(payload, old)
+    loaded = udf.load_checkpoint(old, expected_sha256=phantom_registrar.geometry_sha256)
+    np.testing.assert_array_equal(loaded.grid.values, phantom_registrar.model.grid.values)

@@ -50,7 +50,7 @@ class TrainConfig:
     """Adam steps. Many small steps fit better than few large ones for the same points seen."""
     batch_size: int = 1024
     """Query points per step (each epoch visits every supervision point once)."""
-    learning_rate: float = 5e-3
+    learning_rate: float = 3e-3
     """Peak Adam learning rate (after a 2 % linear warm-up; cosine-decayed to 2 % of it)."""
     num_samples: int = 200_000
     """Supervision points drawn once around the surface, with exact distances."""

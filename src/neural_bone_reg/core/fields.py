@@ -1,16 +1,28 @@
-"""Distance backends of the registration: the neural UDF, or the UDF distilled to a grid.
+"""Distance backends of the registration: the neural UDF, or the UDF sampled on a grid.
 
 Both map points (..., 3) in mm to unsigned distances (...,) in mm and are differentiable.
+This module depends on no other module of the package: :mod:`neural_bone_reg.core.udf` builds
+the grids (and the MLP) and imports :class:`DistanceGrid` from here.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from neural_bone_reg.core.udf import DistanceGrid
+import numpy as np
+import torch
 
 #: Added under the square root of the outside distance so its gradient is finite at zero (mm^2).
 _OUTSIDE_EPS_MM2 = 1e-12
+
+
+@dataclass(frozen=True)
+class DistanceGrid:
+    """The UDF sampled on a regular grid: ``values[i, j, k]`` at ``origin + voxel * (i, j, k)``."""
+
+    origin: np.ndarray
+    voxel_mm: float
+    values: np.ndarray
 
 
 class _TrilinearLookup(torch.autograd.Function):
