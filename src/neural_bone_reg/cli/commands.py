@@ -33,6 +33,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--backend', choices=('grid', 'neural'),
                         help='distance backend of the search (default: from the config)')
     parser.add_argument('--seed', type=int, help='registration seed (default: from the config)')
+    parser.add_argument('--threads', type=int, default=0,
+                        help='torch intra-op threads (0: auto, the CPUs available, at most 4)')
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -86,7 +88,9 @@ def _configs(args: argparse.Namespace):
 
 def _registrar(mesh: str, args: argparse.Namespace):
     from neural_bone_reg import BoneRegistrar
+    from neural_bone_reg.core.runtime import configure_threads
 
+    configure_threads(args.threads)
     return BoneRegistrar.from_mesh(mesh, device=args.device, cache_dir=args.cache_dir,
                                    configs=_configs(args), progress=sys.stderr.isatty() or None)
 
@@ -214,6 +218,7 @@ def run_bench(args: argparse.Namespace) -> int:
         'config': {k: v for k, v in vars(configs.registration).items()},
         'machine': {'device': str(_registrar_device(args)), 'torch': torch.__version__,
                     'threads': torch.get_num_threads(),
+                    'interop_threads': torch.get_num_interop_threads(),
                     'cpu': platform.processor() or platform.machine(),
                     'python': platform.python_version()},
     }

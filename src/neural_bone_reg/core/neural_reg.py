@@ -59,6 +59,27 @@ class HypothesisSet(nn.Module):
         self.head_weight = nn.Parameter(rotations.new_zeros(count, backbone_dim, 6))
         self.head_bias = nn.Parameter(rotations.new_zeros(count, 6))
 
+    def keep(self, rows: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
+        """Keep only hypotheses ``rows`` (indices into the current ones), Adam state included.
+
+        The pruned heads stop costing anything: their parameters, gradients and optimiser
+        moments are dropped, not zeroed. Adam treats every element on its own, so the kept
+        hypotheses continue exactly as if nothing had been removed.
+        """
+        for name in ('rot0', 'landing0'):
+            setattr(self, name, getattr(self, name)[rows])
+        for name in ('latent', 'head_weight', 'head_bias'):
+            old = getattr(self, name)
+            new = nn.Parameter(old.detach()[rows].clone())
+            state = optimiser.state.pop(old, None)
+            if state is not None:
+                optimiser.state[new] = {key: (value[rows].clone() if torch.is_tensor(value)
+                                              and value.dim() > 0 else value)
+                                        for key, value in state.items()}
+            for group in optimiser.param_groups:
+                group['params'] = [new if param is old else param for param in group['params']]
+            setattr(self, name, new)
+
     def offsets(self, active: torch.Tensor | None = None) -> torch.Tensor:
         """Return the (axis-angle, translation/scale) offsets (A, 6) of the ``active`` heads."""
         pick = slice(None) if active is None else active
@@ -114,20 +135,22 @@ def optimise(hypotheses: HypothesisSet, field: DistanceField, points: torch.Tens
     is kept computing, which spends the budget on the hypotheses that are getting somewhere.
     """
     optimiser = torch.optim.Adam(hypotheses.parameters(), lr=learning_rate, foreach=True)
-    active = torch.arange(hypotheses.rot0.shape[0], device=hypotheses.rot0.device)
+    survivors = torch.arange(hypotheses.rot0.shape[0], device=hypotheses.rot0.device)
     history: list[float] = []
     converged = False
     done = 0
     for done in range(1, iterations + 1):
-        rotation, translation = hypotheses(active)
+        rotation, translation = hypotheses()
         cost = robust_cost(field, rotation, translation, points, scale_mm)
         optimiser.zero_grad(set_to_none=True)
         cost.sum().backward()
         optimiser.step()
         cost = cost.detach()
-        if prune_every and done % prune_every == 0 and len(active) > min_survivors:
-            keep = max(int(len(active) * prune_keep), min_survivors)
-            active = active[torch.topk(cost, keep, largest=False).indices]
+        if prune_every and done % prune_every == 0 and len(survivors) > min_survivors:
+            count = max(int(len(survivors) * prune_keep), min_survivors)
+            rows = torch.topk(cost, count, largest=False).indices
+            hypotheses.keep(rows, optimiser)
+            survivors, cost = survivors[rows], cost[rows]
             history.clear()  # the tracked set changed; restart the plateau test
         if tolerance > 0.0:
             k = min(track_top, cost.numel())
@@ -138,6 +161,6 @@ def optimise(hypotheses: HypothesisSet, field: DistanceField, points: torch.Tens
                     converged = True
                     break
     with torch.no_grad():
-        rotation, translation = hypotheses(active)
+        rotation, translation = hypotheses()
         cost = robust_cost(field, rotation, translation, points, scale_mm)
-    return StageResult(rotation.detach(), translation.detach(), cost, done, converged, active)
+    return StageResult(rotation.detach(), translation.detach(), cost, done, converged, survivors)
