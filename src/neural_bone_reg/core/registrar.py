@@ -20,7 +20,7 @@ from neural_bone_reg.core.errors import InputError
 from neural_bone_reg.core.fields import GridField
 from neural_bone_reg.core.io import check_points
 from neural_bone_reg.core.neural_reg import HypothesisSet, optimise, robust_cost, StageResult
-from neural_bone_reg.core.refine import (constraint_from_linearisation, constraint_ratio,
+from neural_bone_reg.core.refine import (constraint_from_linearisation, Linearisation,
                                          linearise, refine_icp, SurfaceModel)
 from neural_bone_reg.core.se3 import fps_rotations, geodesic_deg, make_transform
 from neural_bone_reg.core.udf import load_checkpoint, train_or_load, UdfModel
@@ -382,18 +382,11 @@ class BoneRegistrar:
         residual, inlier_fraction = self._fit_quality(best.distances)
         lin = linearise(self.surface, moved, cfg.robust_scale_mm)
         reasons = self._fit_reasons(residual, inlier_fraction)
-        constraint = 0.0
-        covariance = np.full((6, 6), np.inf)
-        precision = None
         use_target = cfg.precision_at_target
         target = (np.asarray(cfg.precision_target_mm, dtype=np.float64) if use_target
                   else moved.mean(axis=0))
-        if lin is not None:
-            labels, n_clusters = cluster_labels(lin.points, cfg.cluster_mm)
-            covariance = pose_covariance(lin.points, lin.normals, lin.residual, lin.weight,
-                                         labels, n_clusters) * cfg.covariance_scale
-            precision = precision_bounds(covariance, target)
-            constraint = constraint_from_linearisation(lin)
+        constraint = constraint_from_linearisation(lin)
+        covariance, precision = self._covariance(lin, target)
         # Uniqueness: the best against the best distinct alternative, cluster by cluster.
         alternative, ambiguity, z_score, margin = None, 0.0, float('inf'), float('nan')
         if len(refined) > 1:
@@ -407,15 +400,8 @@ class BoneRegistrar:
                     f'ambiguous: a distinct pose ({_pose_gap(best, alt, prep.centroid)}) fits '
                     f'only {margin:.3f} mm worse per point, {z_score:.1f} standard errors '
                     f'(gate {cfg.gate_min_uniqueness_z})')
-        bound_mm = precision.bound_mm if precision else float('inf')
-        bound_deg = precision.bound_deg if precision else float('inf')
-        if not bound_mm <= cfg.gate_max_bound_mm:
-            reasons.append(f'imprecise: 95 % bound {bound_mm:.2f} mm at the '
-                           f'{"target" if use_target else "cloud centroid"} '
-                           f'(gate {cfg.gate_max_bound_mm} mm)')
-        if not bound_deg <= cfg.gate_max_bound_deg:
-            reasons.append(f'imprecise: 95 % rotation bound {bound_deg:.2f} deg '
-                           f'(gate {cfg.gate_max_bound_deg} deg)')
+        reasons += self._precision_reasons(precision)
+        bound_mm, bound_deg = _bound(precision, 'bound_mm'), _bound(precision, 'bound_deg')
         guidance = self._guidance(reasons, precision, best, refined, target, prep)
         return RegistrationResult(
             transform=make_transform(best.rotation, best.translation), accepted=not reasons,
@@ -425,6 +411,31 @@ class BoneRegistrar:
             constraint=constraint, covariance=covariance, bound_mm=bound_mm,
             bound_deg=bound_deg, uniqueness_z=float(z_score), uniqueness_margin_mm=margin,
             guidance=guidance)
+
+    def _covariance(self, lin: Linearisation | None,
+                    target: np.ndarray) -> tuple[np.ndarray, Precision | None]:
+        """Return the pose covariance of a fit's linearisation and its bounds at ``target``."""
+        cfg = self.config
+        if lin is None:
+            return np.full((6, 6), np.inf), None
+        labels, n_clusters = cluster_labels(lin.points, cfg.cluster_mm)
+        covariance = pose_covariance(lin.points, lin.normals, lin.residual, lin.weight,
+                                     labels, n_clusters) * cfg.covariance_scale
+        return covariance, precision_bounds(covariance, target)
+
+    def _precision_reasons(self, precision: Precision | None) -> list[str]:
+        """Return why the 95 % bounds fail the precision gates (empty when they pass)."""
+        cfg = self.config
+        bound_mm, bound_deg = _bound(precision, 'bound_mm'), _bound(precision, 'bound_deg')
+        where = 'the target' if cfg.precision_at_target else 'the cloud centroid'
+        reasons = []
+        if not bound_mm <= cfg.gate_max_bound_mm:
+            reasons.append(f'imprecise: 95 % bound {bound_mm:.2f} mm at {where} '
+                           f'(gate {cfg.gate_max_bound_mm} mm)')
+        if not bound_deg <= cfg.gate_max_bound_deg:
+            reasons.append(f'imprecise: 95 % rotation bound {bound_deg:.2f} deg '
+                           f'(gate {cfg.gate_max_bound_deg} deg)')
+        return reasons
 
     def _guidance(self, reasons: list[str], precision: Precision | None, best: '_Candidate',
                   refined: list['_Candidate'], target: np.ndarray, prep: '_Prepared') -> str:
@@ -477,6 +488,7 @@ class BoneRegistrar:
             pts = pts[np.sort(rng.choice(len(pts), cfg.max_points, replace=False))]
         icp_pts = pts if len(pts) <= cfg.track_points else pts[
             rng.choice(len(pts), cfg.track_points, replace=False)]
+        check_geometry(icp_pts)  # on the ICP subset: cheap at video rate
         icp = refine_icp(self.surface, icp_pts, rot0, tr0, cfg.robust_scale_mm,
                          TRACK_ICP_ITERATIONS, TRACK_ICP_TOLERANCE_MM)
         rot, tr = icp.rotation, icp.translation
@@ -484,8 +496,12 @@ class BoneRegistrar:
         step_deg = float(geodesic_deg(rot, rot0))
         step_mm = float(np.linalg.norm((rot - rot0) @ centroid + tr - tr0))
         residual, inlier_fraction = self._fit_quality(self.surface.distances(pts @ rot.T + tr))
-        constraint = constraint_ratio(self.surface, icp_pts, rot, tr, cfg.robust_scale_mm)
+        # One linearisation of the ICP subset gives both the constraint and the covariance.
+        lin = linearise(self.surface, icp_pts @ rot.T + tr, cfg.robust_scale_mm)
+        constraint = constraint_from_linearisation(lin)
+        covariance, precision = self._covariance(lin, centroid @ rot.T + tr)
         reasons = self._fit_reasons(residual, inlier_fraction)
+        reasons += self._precision_reasons(precision)
         if not icp.last_step_mm <= TRACK_MAX_LAST_STEP_MM:  # inf: ICP lost the surface
             reasons.append(f'tracking ICP did not settle: still moving '
                            f'{icp.last_step_mm:.2f} mm per step after {icp.iterations} steps')
@@ -501,7 +517,9 @@ class BoneRegistrar:
             inlier_fraction=inlier_fraction, ambiguity=float('nan'),
             rejection_reasons=tuple(reasons), n_points=len(pts),
             time_s=time.perf_counter() - start, timings={'icp_iterations': icp.iterations},
-            constraint=constraint, method='track', step_deg=step_deg, step_mm=step_mm)
+            constraint=constraint, method='track', step_deg=step_deg, step_mm=step_mm,
+            covariance=covariance, bound_mm=_bound(precision, 'bound_mm'),
+            bound_deg=_bound(precision, 'bound_deg'))
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -688,6 +706,11 @@ def _rotations_onto(source: np.ndarray, targets: np.ndarray) -> np.ndarray:
         axis[opposite] = perpendicular / np.linalg.norm(perpendicular)
     angle = np.arctan2(sine, cosine)
     return Rotation.from_rotvec(axis * angle[:, None]).as_matrix()
+
+
+def _bound(precision: Precision | None, name: str) -> float:
+    """Return a bound of ``precision`` (inf when the covariance could not be measured)."""
+    return float(getattr(precision, name)) if precision is not None else float('inf')
 
 
 def _pose_gap(a: _Candidate, b: _Candidate, centroid: np.ndarray) -> str:
