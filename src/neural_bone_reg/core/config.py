@@ -165,8 +165,8 @@ class RegistrationConfig:
     precision_target_mm: tuple[float, ...] = (0.0, 0.0, 0.0)
     """Bone-frame point (x, y, z mm) where the position bound is judged when
     ``precision_at_target``, e.g. a planned drill entry or the implant's centre."""
-    track_points: int = 1000
-    """Tracking: points used by the frame-to-frame ICP (seeded subset); scoring uses all."""
+    track_points: int = 800
+    """Tracking: points used by the frame-to-frame ICP and its fit statistics (seeded subset)."""
     track_max_rotation_deg: float = 10.0
     """Tracking: a frame whose pose turned more than this from the previous pose is lost."""
     track_max_translation_mm: float = 10.0
