@@ -283,9 +283,11 @@ class BoneRegistrar:
         centroid = pts.mean(axis=0)
         cloud = torch.as_tensor(pts, dtype=torch.float32, device=self.device)
         extent = float(np.linalg.norm(np.ptp(pts, axis=0)))
+        icp_pts = pts if len(pts) <= ICP_POINTS else pts[
+            rng.choice(len(pts), ICP_POINTS, replace=False)]
         return _Prepared(pts, centroid, cloud,
                          torch.as_tensor(centroid, dtype=torch.float32, device=self.device),
-                         rng, extent < PATCH_FRACTION * self._bone_diagonal)
+                         rng, extent < PATCH_FRACTION * self._bone_diagonal, icp_pts)
 
     def _subset(self, prep: '_Prepared', count: int) -> torch.Tensor:
         """Return a seeded subset of ``count`` cloud points (all when fewer) on the device."""
@@ -352,9 +354,7 @@ class BoneRegistrar:
                 candidates: list[tuple[np.ndarray, np.ndarray]]) -> list['_Candidate']:
         """ICP-refine the best distinct candidates; return them best first (truncated cost)."""
         cfg = self.config
-        pts = prep.points
-        icp_pts = pts if len(pts) <= ICP_POINTS else pts[
-            prep.rng.choice(len(pts), ICP_POINTS, replace=False)]
+        pts, icp_pts = prep.points, prep.icp_points
         refined = []
         for rot, tr in candidates[:min(cfg.refined_candidates, len(candidates))]:
             if cfg.refine and cfg.refine_iterations > 0:
@@ -380,7 +380,9 @@ class BoneRegistrar:
         pts = prep.points
         moved = pts @ best.rotation.T + best.translation
         residual, inlier_fraction = self._fit_quality(best.distances)
-        lin = linearise(self.surface, moved, cfg.robust_scale_mm)
+        # The covariance of the estimate ICP made: from the points ICP used.
+        lin = linearise(self.surface, prep.icp_points @ best.rotation.T + best.translation,
+                        cfg.robust_scale_mm)
         reasons = self._fit_reasons(residual, inlier_fraction)
         use_target = cfg.precision_at_target
         target = (np.asarray(cfg.precision_target_mm, dtype=np.float64) if use_target
@@ -681,6 +683,8 @@ class _Prepared:
     rng: np.random.Generator
     is_patch: bool
     """Small against the bone (see PATCH_FRACTION): hypotheses start on the surface."""
+    icp_points: np.ndarray
+    """The seeded subset (at most ICP_POINTS) that ICP refines on."""
 
 
 @dataclass(frozen=True)
