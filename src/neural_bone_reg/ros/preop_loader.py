@@ -38,6 +38,7 @@ from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import String
 
 from neural_bone_reg.core.errors import CheckpointError, InputError
+from neural_bone_reg.core.runtime import configure_threads, MAX_THREADS
 from neural_bone_reg.ros import params as ros_params
 from neural_bone_reg.ros.conversions import xyz_to_cloud
 from neural_bone_reg.ros.diagnostics import diagnostic_array, DIAGNOSTICS_TOPIC, ERROR, OK, WARN
@@ -80,6 +81,12 @@ class PreopLoader(LifecycleNode):
                 read_only=True)
         declare(self, 'autostart', True,
                 'Configure and activate on start, without a lifecycle manager.', read_only=True)
+        declare(self, 'threads.intra_op', 0,
+                'Torch intra-op threads for training; 0 = auto (the CPUs available, at most 4).',
+                value_range=(0, MAX_THREADS), read_only=True)
+        declare(self, 'threads.inter_op', 0,
+                'Torch inter-op threads; 0 = auto (1).', value_range=(0, MAX_THREADS),
+                read_only=True)
         ros_params.declare_config_parameters(self, CONFIG_SECTIONS)
         # Diagnostics live outside the lifecycle so a failed configure is reported too.
         self._diag_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC,
@@ -119,12 +126,15 @@ class PreopLoader(LifecycleNode):
             if not bone_frame:
                 raise ValueError("parameter 'bone_frame' must not be empty")
             configs = ros_params.build_configs(self, CONFIG_SECTIONS)
+            threads = configure_threads(self.get_parameter('threads.intra_op').value,
+                                        self.get_parameter('threads.inter_op').value)
         except ValueError as exc:
             self._fail(f'configure failed: {exc}')
             return TransitionCallbackReturn.FAILURE
         self.get_logger().info(
             f'mesh_path={mesh_path} bone_frame={bone_frame} cache_dir={cache_dir} '
-            f'device={device}\n' + ros_params.format_configs(configs, CONFIG_SECTIONS))
+            f'device={device} threads.intra_op={threads[0]} threads.inter_op={threads[1]} '
+            '(in use)\n' + ros_params.format_configs(configs, CONFIG_SECTIONS))
         self.failure = None
         self._model_pub = self.create_lifecycle_publisher(String, 'model', LATCHED_QOS)
         self._surface_pub = self.create_lifecycle_publisher(PointCloud2, 'bone_surface',
