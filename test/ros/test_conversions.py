@@ -433,3 +433,70 @@ def test_the_largest_stamp_round_trips_without_wrapping():
     assert (back.sec, back.nanosec) == (2**31 - 1, 999_999_999)
     with pytest.raises(ValueError, match='stamp must be nanoseconds in'):
         conversions.to_time_msg(ns + 1)
+
+
+# ---------------------------------------------------------------------------- bone_pose
+
+
+def _posed_covariance(seed=0):
+    """Return a rigid T_bone_cloud (mm) and a random SPD covariance (mm, rad), seeded."""
+    rng = np.random.default_rng(seed)
+    transform = np.eye(4)
+    transform[:3, :3] = Rotation.random(random_state=seed).as_matrix()
+    transform[:3, 3] = rng.uniform(-300.0, 300.0, 3)
+    factor = np.diag([0.5, 0.5, 0.5, 0.004, 0.004, 0.004]) @ rng.normal(size=(6, 6))
+    return transform, factor @ factor.T + np.diag([0.01] * 3 + [1e-6] * 3)
+
+
+def test_bone_pose_round_trips_in_metres_with_the_parent_frame_covariance():
+    transform, covariance = _posed_covariance()
+    msg = conversions.bone_pose_with_covariance(transform, covariance, 'robot_base', STAMP_NS)
+    assert msg.header.frame_id == 'robot_base'
+    assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == divmod(STAMP_NS, 10**9)
+    pose_m = np.array([msg.pose.pose.position.x, msg.pose.pose.position.y,
+                       msg.pose.pose.position.z])
+    # The pose is tf's: the bone in the cloud frame, T_cloud_bone = inverse, in metres.
+    t_cloud_bone = np.linalg.inv(transform)
+    np.testing.assert_allclose(pose_m, t_cloud_bone[:3, 3] / 1000.0, atol=1e-12)
+    matrix, cov = conversions.pose_with_covariance_to_arrays(msg)
+    np.testing.assert_allclose(matrix, t_cloud_bone, atol=1e-9)
+    expected = conversions.covariance_in_parent(transform, covariance)
+    np.testing.assert_allclose(cov, expected, rtol=1e-12, atol=1e-15)
+    wire = np.asarray(msg.pose.covariance).reshape(6, 6)  # row-major, m and rad
+    np.testing.assert_array_equal(wire, wire.T)
+    np.testing.assert_allclose(wire[:3, :3], expected[:3, :3] * 1e-6, rtol=1e-12)
+    np.testing.assert_allclose(wire[:3, 3:], expected[:3, 3:] * 1e-3, rtol=1e-12)
+    np.testing.assert_allclose(wire[3:, 3:], expected[3:, 3:], rtol=1e-12)
+    assert np.linalg.eigvalsh(wire).min() > 0.0
+    # Unchanged by serialization (what a subscriber reads).
+    back = deserialize_message(serialize_message(msg), type(msg))
+    np.testing.assert_array_equal(np.asarray(back.pose.covariance), wire.reshape(-1))
+
+
+def test_bone_pose_covariance_is_the_spread_of_the_perturbed_poses():
+    """Monte Carlo: perturb T_bone_cloud on the left, read the pose as ROS does."""
+    from neural_bone_reg.core.se3 import se3_exp
+    transform, covariance = _posed_covariance(1)
+    msg = conversions.bone_pose_with_covariance(transform, covariance, 'robot', 0)
+    wire = np.asarray(msg.pose.covariance).reshape(6, 6)
+    rng = np.random.default_rng(2)
+    deltas = rng.multivariate_normal(np.zeros(6), covariance, size=4000)
+    nominal = np.linalg.inv(transform)
+    errors = []
+    for delta in deltas:
+        pose = np.linalg.inv(se3_exp(delta) @ transform)  # the bone in the cloud frame
+        # ROS: position error of the origin (m), rotation error about the parent's fixed axes.
+        rotvec = Rotation.from_matrix(pose[:3, :3] @ nominal[:3, :3].T).as_rotvec()
+        errors.append(np.concatenate([(pose[:3, 3] - nominal[:3, 3]) / 1000.0, rotvec]))
+    sample = np.cov(np.asarray(errors).T)
+    scale = np.sqrt(np.diag(wire))
+    np.testing.assert_allclose(sample / np.outer(scale, scale), wire / np.outer(scale, scale),
+                               atol=0.1)
+
+
+@pytest.mark.parametrize('covariance,needle', [
+    (np.full((6, 6), np.inf), 'non-finite'), (np.eye(3), 'shape'),
+])
+def test_bone_pose_refuses_an_unmeasured_or_malformed_covariance(covariance, needle):
+    with pytest.raises(ValueError, match=needle):
+        conversions.bone_pose_with_covariance(np.eye(4), covariance, 'robot', 0)

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from geometry_msgs.msg import PoseWithCovarianceStamped
 import numpy as np
 import pytest
 from rcl_interfaces.msg import ParameterType
@@ -33,12 +34,13 @@ import yaml
 
 from neural_bone_reg import RegistrationResult
 from neural_bone_reg.core import sim
+from neural_bone_reg.core.confidence import covariance_in_parent
 from neural_bone_reg.core.config import RegistrationConfig, TrainConfig, UdfConfig
 from neural_bone_reg.core.se3 import apply_transform, invert_transform, make_transform
 from neural_bone_reg.ros import input_checks
 from neural_bone_reg.ros import registration_node as registration_node_module
-from neural_bone_reg.ros.conversions import (cloud_to_xyz, transform_stamped_to_matrix,
-                                             xyz_to_cloud)
+from neural_bone_reg.ros.conversions import (cloud_to_xyz, pose_with_covariance_to_arrays,
+                                             transform_stamped_to_matrix, xyz_to_cloud)
 from neural_bone_reg.ros.diagnostics import (cap_text, MAX_MESSAGE_CHARS, MAX_VALUE_CHARS,
                                              printable)
 from neural_bone_reg.ros.model_info import decode_model_info
@@ -64,7 +66,8 @@ class ScriptedRegistrar:
     """Stand-in for BoneRegistrar: records calls, can block, returns a fixed result."""
 
     def __init__(self, accepted: bool = True, reasons: tuple[str, ...] = (),
-                 block: bool = False, surface_points: np.ndarray | None = None) -> None:
+                 block: bool = False, surface_points: np.ndarray | None = None,
+                 uncertainty: dict[str, Any] | None = None) -> None:
         self.calls: list[np.ndarray] = []
         self.started = threading.Event()
         self.release = threading.Event()
@@ -72,6 +75,8 @@ class ScriptedRegistrar:
             self.release.set()
         self.accepted = accepted
         self.reasons = reasons
+        #: RegistrationResult fields of the confidence (covariance, bounds, guidance).
+        self.uncertainty = dict(uncertainty or {})
         self.surface_points = (surface_points if surface_points is not None
                                else np.asarray(sim.make_phantom_mesh().vertices, np.float32))
 
@@ -84,7 +89,8 @@ class ScriptedRegistrar:
                                   residual_mm=0.8, inlier_fraction=0.95,
                                   ambiguity=0.9 if not self.accepted else 0.1,
                                   rejection_reasons=self.reasons, n_points=len(points),
-                                  time_s=0.01, timings={'coarse_s': 0.005})
+                                  time_s=0.01, timings={'coarse_s': 0.005},
+                                  **self.uncertainty)
 
 
 @pytest.fixture
@@ -323,6 +329,84 @@ def test_rejected_result_gives_a_warning_and_no_tf(
     assert node.wait_idle(SOLVE_TIMEOUT_S)
     assert node.n_broadcasts == 0
     assert waiter.latest is None
+
+
+#: A known pose covariance (mm, rad; core convention) with cross terms, and its bounds.
+_CROSS = np.array([0.01, 0.0, 0.02, 1e-4, 0.0, 0.0])
+KNOWN_COVARIANCE = np.diag([0.04, 0.09, 0.16, 1e-6, 4e-6, 9e-6]) + np.outer(_CROSS, _CROSS)
+KNOWN_UNCERTAINTY = {'covariance': KNOWN_COVARIANCE, 'bound_mm': 1.37, 'bound_deg': 0.55,
+                     'uniqueness_z': 8.25, 'uniqueness_margin_mm': 0.61}
+
+
+def test_an_accepted_result_publishes_bone_pose_with_its_covariance(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
+    node = spin(registration_node(ros_context, mode='single', bone_frame='femur'))
+    node.use_registrar(ScriptedRegistrar(uncertainty=KNOWN_UNCERTAINTY))
+    poses = Collector(probe, PoseWithCovarianceStamped, '/bone_pose', LATCHED_QOS)
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
+    pub.publish(cloud(patch_points(2), frame='tracker', stamp_ns=42_000_000_123))
+    msg = poses.wait_for(lambda m: True, SOLVE_TIMEOUT_S)
+    assert msg is not None, 'no bone_pose for an accepted result'
+    assert msg.header.frame_id == 'tracker'  # the parent frame of the broadcast tf
+    assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == (42, 123)
+    # The pose is tf's (the bone in the cloud frame), in metres on the wire.
+    assert abs(msg.pose.pose.position.z - invert_transform(FAKE_T)[2, 3] / 1000.0) < 1e-9
+    pose, covariance = pose_with_covariance_to_arrays(msg)
+    np.testing.assert_allclose(pose, invert_transform(FAKE_T), atol=1e-9)
+    np.testing.assert_allclose(covariance, covariance_in_parent(FAKE_T, KNOWN_COVARIANCE),
+                               rtol=1e-9, atol=1e-15)
+    wire = np.asarray(msg.pose.covariance).reshape(6, 6)
+    np.testing.assert_allclose(wire[:3, :3], covariance[:3, :3] * 1e-6, rtol=1e-12)
+    array = diags.wait_for(lambda a: find_status(a, ': registration', level=DiagnosticStatus.OK)
+                           is not None, MESSAGE_TIMEOUT_S)
+    assert array is not None
+    values = status_values(find_status(array, ': registration', level=DiagnosticStatus.OK))
+    assert (values['bound_mm'], values['bound_deg'], values['uniqueness_z'],
+            values['uniqueness_margin_mm']) == ('1.37', '0.55', '8.25', '0.61')
+    assert values['bone_pose'] == 'published' and values['guidance'] == ''
+    assert node.n_poses == 1
+
+
+def test_an_accepted_result_without_a_covariance_goes_on_tf_but_not_on_bone_pose(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
+    node = spin(registration_node(ros_context, mode='single'))
+    node.use_registrar(ScriptedRegistrar())  # covariance all inf: not measured
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    waiter = TfWaiter(probe, 'robot', 'bone')
+    pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
+    pub.publish(cloud(patch_points(2)))
+    assert waiter.wait(SOLVE_TIMEOUT_S) is not None
+    array = diags.wait_for(lambda a: find_status(a, ': registration', level=DiagnosticStatus.OK)
+                           is not None, MESSAGE_TIMEOUT_S)
+    values = status_values(find_status(array, ': registration', level=DiagnosticStatus.OK))
+    assert 'covariance not measured' in values['bone_pose']
+    assert node.n_poses == 0 and node.n_broadcasts == 1
+
+
+def test_a_refused_result_publishes_no_bone_pose_and_says_where_data_would_help(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
+    guidance = ('least constrained: translation along bone-frame [0.0, 0.0, 1.0], rotation '
+                'about [0.0, 0.0, 1.0]; extend the sweep across that direction; candidate poses '
+                'disagree most (23 mm) near bone point [10.0, -4.0, 180.0] mm: add points there')
+    assert len(guidance) > MAX_VALUE_CHARS  # must not be cut like a frame id
+    node = spin(registration_node(ros_context, mode='single'))
+    node.use_registrar(ScriptedRegistrar(
+        accepted=False, reasons=('imprecise: 95 % bound 3.10 mm (gate 2.0 mm)',),
+        uncertainty={**KNOWN_UNCERTAINTY, 'bound_mm': 3.1, 'guidance': guidance}))
+    poses = Collector(probe, PoseWithCovarianceStamped, '/bone_pose', LATCHED_QOS)
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
+    pub.publish(cloud(patch_points(2)))
+    array = diags.wait_for(lambda a: find_status(a, 'registration', level=DiagnosticStatus.WARN)
+                           is not None, SOLVE_TIMEOUT_S)
+    assert array is not None, 'no WARN diagnostic for a refused result'
+    status = find_status(array, 'registration', level=DiagnosticStatus.WARN)
+    values = status_values(status)
+    assert values['guidance'] == guidance and guidance in status.message
+    assert values['bound_mm'] == '3.1' and values['uniqueness_z'] == '8.25'
+    assert node.wait_idle(SOLVE_TIMEOUT_S)
+    assert node.n_poses == 0 and poses.messages == [] and node.n_broadcasts == 0
 
 
 def _bad_clouds() -> dict[str, PointCloud2]:

@@ -12,12 +12,13 @@ import sys
 from typing import Sequence, TYPE_CHECKING, Union
 
 from builtin_interfaces.msg import Time
-from geometry_msgs.msg import TransformStamped
+from geometry_msgs.msg import PoseWithCovarianceStamped, TransformStamped
 import numpy as np
 from numpy.lib import recfunctions
 from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import PointCloud2, PointField
 
+from neural_bone_reg.core.confidence import covariance_in_parent
 from neural_bone_reg.core.errors import InputError
 
 if TYPE_CHECKING:
@@ -433,3 +434,64 @@ def transform_stamped_to_matrix(msg: TransformStamped, *,
     trans = msg.transform.translation
     matrix[:3, 3] = np.array([trans.x, trans.y, trans.z], dtype=np.float64) * per_m
     return matrix
+
+
+#: Rows and columns of a pose covariance: (x, y, z) then rotations about X, Y, Z.
+POSE_DOF = 6
+
+
+def _pose_covariance_scale(per_m: float) -> np.ndarray:
+    """Return the (6,) factors that turn a (length unit, rad) covariance into (m, rad)."""
+    return np.array([1.0 / per_m] * 3 + [1.0] * 3)
+
+
+def bone_pose_with_covariance(transform: np.ndarray, covariance: np.ndarray, parent_frame: str,
+                              stamp: Stamp, *, unit: str = DEFAULT_UNIT
+                              ) -> PoseWithCovarianceStamped:
+    """Return the bone's pose in ``parent_frame`` with its covariance, in ROS conventions.
+
+    ``transform`` is a registration result's T_bone_cloud (cloud points into the bone frame,
+    translation in ``unit``) and ``covariance`` its (6, 6) error covariance in the core's
+    convention (``core.confidence``: a left motion in the bone frame, ``unit`` and rad). The
+    message holds the inverse, the bone's pose in the cloud (parent) frame, as tf does, in
+    metres and a quaternion, and the covariance over (x, y, z) of the bone origin and rotations
+    about the parent's fixed X, Y, Z axes, row-major, in m^2, m rad and rad^2
+    (geometry_msgs/PoseWithCovariance). Raises ValueError for a non-rigid transform or a
+    covariance that is not a finite, symmetric (6, 6) matrix.
+    """
+    per_m = units_per_m(unit)
+    t_bone_cloud = check_rigid(transform, 'registration transform')
+    cov = np.asarray(covariance, dtype=np.float64)
+    if cov.shape != (POSE_DOF, POSE_DOF) or not np.isfinite(cov).all():
+        raise ValueError(f'pose covariance has shape {cov.shape} and '
+                         f'{int(np.size(cov) - np.isfinite(cov).sum())} non-finite entries; '
+                         'expected a finite (6, 6) matrix')
+    t_cloud_bone = np.linalg.inv(t_bone_cloud)
+    scale = _pose_covariance_scale(per_m)
+    cov_parent = covariance_in_parent(t_bone_cloud, cov) * np.outer(scale, scale)
+    pose = matrix_to_transform_stamped(t_cloud_bone, parent_frame, '', stamp, unit=unit)
+    msg = PoseWithCovarianceStamped()
+    msg.header = pose.header
+    translation, rotation = pose.transform.translation, pose.transform.rotation
+    position = msg.pose.pose.position
+    position.x, position.y, position.z = translation.x, translation.y, translation.z
+    orientation = msg.pose.pose.orientation
+    orientation.x, orientation.y = rotation.x, rotation.y
+    orientation.z, orientation.w = rotation.z, rotation.w
+    msg.pose.covariance = [float(v) for v in cov_parent.reshape(-1)]
+    return msg
+
+
+def pose_with_covariance_to_arrays(msg: PoseWithCovarianceStamped, *,
+                                   unit: str = DEFAULT_UNIT) -> tuple[np.ndarray, np.ndarray]:
+    """Return (T_parent_child 4x4 in ``unit``, (6, 6) covariance in ``unit`` and rad)."""
+    per_m = units_per_m(unit)
+    pose = TransformStamped()
+    pose.transform.translation.x = msg.pose.pose.position.x
+    pose.transform.translation.y = msg.pose.pose.position.y
+    pose.transform.translation.z = msg.pose.pose.position.z
+    pose.transform.rotation = msg.pose.pose.orientation
+    matrix = transform_stamped_to_matrix(pose, unit=unit)
+    scale = 1.0 / _pose_covariance_scale(per_m)
+    cov = np.asarray(msg.pose.covariance, dtype=np.float64).reshape(POSE_DOF, POSE_DOF)
+    return matrix, cov * np.outer(scale, scale)

@@ -17,6 +17,9 @@ DIAGNOSTICS_TOPIC = '/diagnostics'
 MAX_MESSAGE_CHARS = 1000
 #: Longest key/value value, characters (frame ids and the like come from the input).
 MAX_VALUE_CHARS = 200
+#: Values of the core's own sentences (why a result was refused, where more data would help),
+#: capped at MAX_MESSAGE_CHARS instead: they are longer than a frame id, and not from input.
+TEXT_VALUE_KEYS = frozenset({'rejection_reasons', 'guidance'})
 
 
 def cap_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
@@ -50,13 +53,15 @@ def diagnostic_array(node: Node, component: str, level: bytes, message: str,
                      values: Mapping[str, Any] | None = None) -> DiagnosticArray:
     """Return a one-status DiagnosticArray named '<node fqn>: <component>', stamped now.
 
-    The message is capped at MAX_MESSAGE_CHARS and each value at MAX_VALUE_CHARS characters.
+    The message is capped at MAX_MESSAGE_CHARS and each value at MAX_VALUE_CHARS characters
+    (those of TEXT_VALUE_KEYS at MAX_MESSAGE_CHARS).
     """
     status = DiagnosticStatus(
         level=level, name=f'{node.get_fully_qualified_name()}: {component}',
         message=cap_text(printable(message)), hardware_id=node.get_name(),
-        values=[KeyValue(key=str(k), value=cap_text(printable(_format(v)), MAX_VALUE_CHARS))
-                for k, v in (values or {}).items()])
+        values=[KeyValue(key=str(k), value=cap_text(
+            printable(_format(v)), MAX_MESSAGE_CHARS if k in TEXT_VALUE_KEYS else MAX_VALUE_CHARS))
+            for k, v in (values or {}).items()])
     array = DiagnosticArray(status=[status])
     array.header.stamp = node.get_clock().now().to_msg()
     return array

@@ -4,9 +4,12 @@ Inputs: sensor_msgs/PointCloud2 on the relative topic ``points`` (QoS from the `
 parameters: reliable by default, as large clouds need) and the preop loader's latched
 ``model`` topic (or the ``checkpoint`` / ``mesh_path`` parameters).
 Outputs, ONLY for results that pass every confidence gate: the transform
-``robot_frame -> bone_frame`` on tf, stamped with the cloud's header stamp, and the cloud
-mapped into the bone frame on ``registered_points``. Every outcome, accepted or not, and
-every rejected input is reported on /diagnostics with the reason. No input can stop the
+``robot_frame -> bone_frame`` on tf, stamped with the cloud's header stamp, the same pose with
+its covariance on ``bone_pose`` (geometry_msgs/PoseWithCovarianceStamped, metres and radians,
+latched) when the result measured one, and the cloud mapped into the bone frame on
+``registered_points``. Every outcome, accepted or not, and every rejected input is reported on
+/diagnostics with the reason, the result's 95 % bounds and uniqueness, and for a refused
+result where more data would help (``guidance``). No input can stop the
 node: anything a message provokes while it is read is a rejected input (``input_checks``).
 
 Modes: 'sweep' accumulates the slices of a probe sweep and registers the sweep; 'single'
@@ -36,6 +39,7 @@ import time
 from typing import Any, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import PoseWithCovarianceStamped
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
@@ -49,7 +53,8 @@ from neural_bone_reg.core.runtime import configure_threads, MAX_THREADS
 from neural_bone_reg.core.se3 import apply_transform, invert_transform
 from neural_bone_reg.ros import input_checks
 from neural_bone_reg.ros import params as ros_params
-from neural_bone_reg.ros.conversions import (matrix_to_transform_stamped, to_time_msg,
+from neural_bone_reg.ros.conversions import (bone_pose_with_covariance,
+                                             matrix_to_transform_stamped, to_time_msg,
                                              xyz_to_cloud)
 from neural_bone_reg.ros.diagnostics import (cap_text, diagnostic_array, DIAGNOSTICS_TOPIC,
                                              ERROR, OK, WARN)
@@ -80,6 +85,8 @@ WORKER_JOIN_TIMEOUT_S = 5.0
 WORKER_THREAD_NAME = 'registration_worker'
 #: Period of the /diagnostics heartbeat that repeats the model status for late joiners, s.
 DIAGNOSTICS_PERIOD_S = 1.0
+#: Uncertainty fields of a result reported on /diagnostics (core.registrar.RegistrationResult).
+UNCERTAINTY_KEYS = ('bound_mm', 'bound_deg', 'uniqueness_z', 'uniqueness_margin_mm')
 #: Hard upper bound of the max_cloud_points parameter.
 MAX_CLOUD_POINTS_LIMIT = 100_000_000
 
@@ -193,6 +200,7 @@ class RegistrationNode(Node):
         self.n_dropped = 0
         self.n_solves = 0
         self.n_broadcasts = 0
+        self.n_poses = 0  # bone_pose messages published
         self.n_tracked = 0
         self.n_lost = 0  # clouds the middleware reports lost (message_lost events)
         self.n_incompatible = 0  # publishers whose QoS cannot match (incompatible_qos events)
@@ -203,6 +211,9 @@ class RegistrationNode(Node):
         self._tf_broadcaster = make_tf_broadcaster(self)
         self._registered_pub = self.create_publisher(PointCloud2, 'registered_points',
                                                      LATCHED_QOS)
+        # A result read once (a planner may subscribe after it): reliable, transient local.
+        self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, 'bone_pose',
+                                               LATCHED_QOS)
         self._diag_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC,
                                                DIAGNOSTICS_QOS)
         events = {}
@@ -699,6 +710,9 @@ class RegistrationNode(Node):
                   'ambiguity': float(result.ambiguity),
                   'constraint': float(getattr(result, 'constraint', float('nan'))),
                   'solve_time_s': float(getattr(result, 'time_s', float('nan')))}
+        for key in UNCERTAINTY_KEYS:  # uncertainty, accepted or not (inf/nan: not measured)
+            values[key] = float(getattr(result, key, float('nan')))
+        guidance = values['guidance'] = str(getattr(result, 'guidance', '') or '')
         if method == 'track':
             values.update(step_deg=float(result.step_deg), step_mm=float(result.step_mm))
         for key, value in dict(getattr(result, 'timings', {}) or {}).items():
@@ -710,6 +724,7 @@ class RegistrationNode(Node):
                 t_cloud_bone, job.frame_id, bone_frame, stamp)])
             self._registered_pub.publish(xyz_to_cloud(
                 apply_transform(result.transform, job.points), bone_frame, stamp))
+            values['bone_pose'] = self._publish_pose(result, job.frame_id, stamp)
             self.n_broadcasts += 1
             self.last_latency_s = time.monotonic() - job.received_monotonic
             values['latency_s'] = self.last_latency_s
@@ -722,7 +737,9 @@ class RegistrationNode(Node):
                                          job.received_monotonic, anchor)
             message = (f'accepted ({method}): {job.frame_id} -> {bone_frame} broadcast '
                        f'(residual {result.residual_mm:.2f} mm, inliers '
-                       f'{result.inlier_fraction:.2f}, ambiguity {result.ambiguity:.2f})')
+                       f'{result.inlier_fraction:.2f}, 95 % bounds {values["bound_mm"]:.2f} mm '
+                       f'{values["bound_deg"]:.2f} deg, uniqueness z '
+                       f'{values["uniqueness_z"]:.1f})')
             self.get_logger().info(message, throttle_duration_sec=LOG_THROTTLE_S)
             self._publish_diag('registration', OK, message, values)
         else:
@@ -731,8 +748,24 @@ class RegistrationNode(Node):
             reasons = '; '.join(result.rejection_reasons) or 'confidence gates not met'
             values['rejection_reasons'] = reasons
             message = f'rejected, no transform broadcast: {reasons}'
+            if guidance:
+                message += f'. Where more data would help: {guidance}'
             self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
             self._publish_diag('registration', WARN, message, values)
+
+    def _publish_pose(self, result: Any, parent: str, stamp: Any) -> str:
+        """Publish an accepted result on bone_pose; return what was done, for diagnostics.
+
+        Only a measured covariance is published: a tracked frame (local refinement) has none,
+        so it goes on tf alone and bone_pose keeps the last pose whose uncertainty is known.
+        """
+        covariance = np.asarray(getattr(result, 'covariance', np.full((6, 6), np.inf)))
+        if covariance.shape != (6, 6) or not np.isfinite(covariance).all():
+            return 'not published: covariance not measured'
+        self._pose_pub.publish(bone_pose_with_covariance(result.transform, covariance, parent,
+                                                         stamp))
+        self.n_poses += 1
+        return 'published'
 
     def _end_track(self) -> None:
         """Forget the track and void any solve in flight (the caller holds _cond)."""
