@@ -188,8 +188,10 @@ def test_stream_is_seeded_and_moves_as_configured():
     scene = cam.RgbdScene(width=80, height=60, motion_mm=2.0, motion_deg=0.5)
     first = cam.simulate_rgbd_stream(mesh, np.random.default_rng(6), scene, 8, rate_hz=15.0)
     again = cam.simulate_rgbd_stream(mesh, np.random.default_rng(6), scene, 8, rate_hz=15.0)
-    np.testing.assert_array_equal(first.frames[3].points_mm, again.frames[3].points_mm)
-    assert first.frames[0].points_mm.shape == (60, 80, 3)
+    first_frames, again_frames = list(first.frames), list(again.frames)
+    assert len(first_frames) == 8 and list(first.frames) == []  # rendered once, on demand
+    np.testing.assert_array_equal(first_frames[3].points_mm, again_frames[3].points_mm)
+    assert first_frames[0].points_mm.shape == (60, 80, 3)
     centre, _ = cam.principal_axes(mesh)
     shifts = [np.linalg.norm(p[:3, :3] @ centre + p[:3, 3] - (first.T_robot_bone[0][:3, :3]
                                                               @ centre

@@ -297,8 +297,13 @@ def test_rgbd_bag_is_an_organized_xyzrgb_stream_with_static_mount(tmp_path, movi
     truths = [truth @ _pose(10 + i, [0.0, 0.0, float(i)]) for i in range(count)]
     width, height = RGBD_SIZE
     intrinsics = (width, height, 38.4, 38.4, 19.5, 14.5)
-    path = bag.write_rgbd_bag(tmp_path / 'rgbd', frames, stamps, mount,
-                              truths if moving else truth, intrinsics, storage='mcap')
+    path = bag.write_rgbd_bag(tmp_path / 'rgbd', iter(frames), stamps, mount,
+                              truths if moving else truth, intrinsics, storage='mcap',
+                              compress=moving)
+    info = yaml.safe_load((path / 'metadata.yaml').read_text())['rosbag2_bagfile_information']
+    # rosbag2 reads the mode case-insensitively (compression_mode_from_string).
+    assert (info['compression_mode'].upper(), info['compression_format']) == (
+        ('MESSAGE', 'zstd') if moving else ('', ''))
     with Reader(path) as reader:
         topics = reader.topics
         assert topics['/camera/depth/color/points'].msgcount == count
@@ -355,13 +360,18 @@ def test_rgbd_bag_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match='one 4x4 matrix or one per frame'):
         bag.write_rgbd_bag(tmp_path / 'a', frames, stamps, np.eye(4), [np.eye(4)] * 3,
                            intrinsics)
-    with pytest.raises(ValueError, match='does not match the camera'):
+    with pytest.raises(ValueError, match='frame 0 has shape .* does not match the camera'):
         bag.write_rgbd_bag(tmp_path / 'b', frames, stamps, np.eye(4), np.eye(4),
                            (50, 30, 38.4, 38.4, 19.5, 14.5))
     with pytest.raises(ValueError, match='strictly increasing'):
         bag.write_rgbd_bag(tmp_path / 'c', frames, stamps[::-1], np.eye(4), np.eye(4),
                            intrinsics)
-    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match='got 2 frames for 3 stamps'):
+        bag.write_rgbd_bag(tmp_path / 'd', frames, [*stamps, stamps[-1] + 1], np.eye(4),
+                           np.eye(4), intrinsics)
+    with pytest.raises(ValueError, match='more frames than the 1 stamps'):
+        bag.write_rgbd_bag(tmp_path / 'e', frames, stamps[:1], np.eye(4), np.eye(4), intrinsics)
+    assert not list(tmp_path.iterdir())  # nothing half-written is left
 
 
 def test_cli_make_rgbd_bag(tmp_path, capsys):

@@ -526,6 +526,8 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
           + (f"; it skipped {counters['clouds_dropped']} clouds that a newer one replaced "
              'while it solved (no backlog)' if mode != 'sweep' and 'clouds_dropped' in counters
              else ''))
+    if mode != 'sweep':
+        print(f'demo: {_results_summary(watcher)}')
     which = 'the last cloud of the bag' if final else 'its cloud'
     node_latency = ({kv.key: kv.value for kv in status.values}.get('latency_s')
                     if status is not None else None)
@@ -567,6 +569,26 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
         return _fail('the accepted transform is outside the tolerance', children)
     print(f'demo: PASSED in {time.monotonic() - started:.1f} s')
     return 0
+
+
+def _results_summary(watcher: _Watcher) -> str:
+    """Summarise the registration results seen on /diagnostics: count and latency by method."""
+    import numpy as np
+
+    with watcher.cond:
+        results = [{kv.key: kv.value for kv in status.values}
+                   for status in watcher.results.values()]
+    parts = []
+    rejected = sum(1 for values in results if values.get('accepted') != 'True')
+    for method in ('global', 'track'):
+        latencies = [float(v['latency_s']) for v in results
+                     if v.get('method') == method and v.get('accepted') == 'True'
+                     and 'latency_s' in v]
+        if latencies:
+            parts.append(f'{len(latencies)} accepted {method} (latency from receipt median '
+                         f'{np.median(latencies):.3f} s, max {max(latencies):.3f} s)')
+    parts.append(f'{rejected} rejected')
+    return 'results on /diagnostics: ' + ', '.join(parts)
 
 
 def _stamp_ns(stamp: Any) -> int:

@@ -22,7 +22,7 @@ or at random return nothing (NaN).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import trimesh
@@ -540,9 +540,13 @@ class RgbdScene:
 
 
 class RgbdStream(NamedTuple):
-    """A simulated camera stream and its ground truth (all 4x4 in mm)."""
+    """A simulated camera stream and its ground truth (all 4x4 in mm).
 
-    frames: list[RgbdFrame]
+    ``frames`` renders each frame when it is asked for, once, in order (a long stream need
+    not fit in memory); ``list(stream.frames)`` keeps them all.
+    """
+
+    frames: Iterator[RgbdFrame]
     camera: PinholeCamera
     T_robot_camera: np.ndarray        # optical frame -> robot (the fixed mount)
     T_robot_bone: list[np.ndarray]    # bone (mesh) -> robot, one per frame
@@ -550,7 +554,7 @@ class RgbdStream(NamedTuple):
 
 def simulate_rgbd_stream(mesh: trimesh.Trimesh, rng: np.random.Generator, scene: RgbdScene,
                          n_frames: int, rate_hz: float) -> RgbdStream:
-    """Return ``n_frames`` RGB-D frames of ``mesh`` at ``rate_hz`` with their true poses.
+    """Return a stream of ``n_frames`` RGB-D frames of ``mesh`` at ``rate_hz`` and its truth.
 
     The bone's pose in the robot frame is random (rotation uniform on SO(3), translation up to
     ``scene.max_translation_mm``), the camera looks at it from the side (:func:`side_view`) and
@@ -578,6 +582,6 @@ def simulate_rgbd_stream(mesh: trimesh.Trimesh, rng: np.random.Generator, scene:
         poses = [t_robot_bone0 @ about @ m @ invert_transform(about) for m in motions]
     else:
         poses = [t_robot_bone0.copy() for _ in range(n_frames)]
-    frames = [depth_camera.capture(mesh, t_camera_robot @ pose, rng, exposure)
-              for pose in poses]
+    frames = (depth_camera.capture(mesh, t_camera_robot @ pose, rng, exposure)
+              for pose in poses)
     return RgbdStream(frames, camera, t_robot_camera, poses)

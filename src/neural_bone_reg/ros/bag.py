@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import importlib
 from pathlib import Path
+import shutil
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ from rclpy.serialization import serialize_message
 from rosbags.interfaces import (Qos, QosDurability, QosHistory, QosLiveliness, QosReliability,
                                 QosTime)
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.rosbag2.writer import CompressionFormat, CompressionMode
 from rosbags.typesys import get_typestore, Stores
 from sensor_msgs.msg import CameraInfo, PointCloud2, PointField
 from tf2_msgs.msg import TFMessage
@@ -203,7 +205,7 @@ class RgbdFrameData(NamedTuple):
     rgb: np.ndarray     # (height, width, 3) uint8
 
 
-def write_rgbd_bag(path: str | Path, frames: Sequence[RgbdFrameData], stamps_ns: Sequence[int],
+def write_rgbd_bag(path: str | Path, frames: Iterable[RgbdFrameData], stamps_ns: Sequence[int],
                    T_robot_camera: np.ndarray, T_robot_bone: np.ndarray | Sequence[np.ndarray],
                    intrinsics: tuple[int, int, float, float, float, float], *,
                    robot_frame: str = DEFAULT_ROBOT_FRAME,
@@ -211,7 +213,7 @@ def write_rgbd_bag(path: str | Path, frames: Sequence[RgbdFrameData], stamps_ns:
                    truth_frame: str = DEFAULT_TRUTH_FRAME,
                    cloud_topic: str = DEFAULT_RGBD_TOPIC,
                    info_topic: str = DEFAULT_CAMERA_INFO_TOPIC, storage: str = 'sqlite3',
-                   unit: str = DEFAULT_UNIT) -> Path:
+                   compress: bool = False, unit: str = DEFAULT_UNIT) -> Path:
     """Write an RGB-D camera stream and the true bone pose as a new rosbag2 directory ``path``.
 
     Each frame becomes an organized x y z rgb ``sensor_msgs/PointCloud2`` in ``camera_frame``
@@ -222,16 +224,20 @@ def write_rgbd_bag(path: str | Path, frames: Sequence[RgbdFrameData], stamps_ns:
     would. The truth ``T_robot_bone`` (bone -> robot, child ``truth_frame``) joins it there
     when it is one 4x4 matrix (a still bone); a sequence of one matrix per frame (a moving
     bone) goes on ``/tf`` instead, each stamped and recorded with its frame. Lengths are in
-    ``unit`` (mm by default); the bag holds metres.
+    ``unit`` (mm by default); the bag holds metres. ``frames`` is consumed one at a time, so a
+    long stream need not fit in memory; there must be one per stamp. ``compress`` compresses
+    each message with zstd (rosbag2's ``--compression-mode message --compression-format
+    zstd``, which ``ros2 bag play`` reads): organized clouds are mostly NaN and shrink about
+    60-fold. A bag that fails half-way is removed.
     """
     path = Path(path)
     if storage not in STORAGES:
         raise ValueError(f'storage must be one of {STORAGES}, got {storage!r}')
-    stamps = _check_stamps(stamps_ns, len(frames), 'frame')
+    stamps = _check_stamps(stamps_ns, len(stamps_ns), 'frame')
     truth = np.asarray(T_robot_bone, dtype=np.float64)
     moving = truth.ndim == 3
-    if moving and len(truth) != len(frames):
-        raise ValueError(f'T_robot_bone holds {len(truth)} poses for {len(frames)} frames; '
+    if moving and len(truth) != len(stamps):
+        raise ValueError(f'T_robot_bone holds {len(truth)} poses for {len(stamps)} frames; '
                          'expected one 4x4 matrix or one per frame')
     if path.exists():
         raise FileExistsError(f'{path} exists already; a bag is written into a new directory')
@@ -244,32 +250,55 @@ def write_rgbd_bag(path: str | Path, frames: Sequence[RgbdFrameData], stamps_ns:
     dynamic = ([serialize_message(TFMessage(transforms=[matrix_to_transform_stamped(
         pose, robot_frame, truth_frame, stamp, unit=unit)])) for pose, stamp in zip(truth, stamps)]
         if moving else [])
-    for frame in frames:
-        if np.shape(frame.points)[:2] != (height, width):
-            raise ValueError(f'frame of shape {np.shape(frame.points)} does not match the '
-                             f'camera ({height} x {width})')
+    writer = Writer(path, version=BAG_VERSION, storage_plugin=StoragePlugin[storage.upper()])
+    if compress:
+        writer.set_compression(CompressionMode.MESSAGE, CompressionFormat.ZSTD)
+    try:
+        _write_rgbd(writer, frames, stamps, static, dynamic, (width, height, fx, fy, cx, cy),
+                    camera_frame, cloud_topic, info_topic, unit)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path
 
+
+def _write_rgbd(writer: Writer, frames: Iterable[RgbdFrameData], stamps: list[int],
+                static: list, dynamic: list[bytes],
+                intrinsics: tuple[int, int, float, float, float, float], camera_frame: str,
+                cloud_topic: str, info_topic: str, unit: str) -> None:
+    """Write the messages of :func:`write_rgbd_bag` (the caller handles failures)."""
+    width, height, fx, fy, cx, cy = intrinsics
     typestore = get_typestore(Stores.ROS2_KILTED)
-    with Writer(path, version=BAG_VERSION,
-                storage_plugin=StoragePlugin[storage.upper()]) as writer:
+    with writer:
         tf_static = writer.add_connection(TF_STATIC_TOPIC, 'tf2_msgs/msg/TFMessage',
                                           typestore=typestore,
                                           offered_qos_profiles=[TF_STATIC_BAG_QOS])
         tf = (writer.add_connection(TF_TOPIC, 'tf2_msgs/msg/TFMessage', typestore=typestore,
-                                    offered_qos_profiles=[TF_BAG_QOS]) if moving else None)
+                                    offered_qos_profiles=[TF_BAG_QOS]) if dynamic else None)
         info = writer.add_connection(info_topic, 'sensor_msgs/msg/CameraInfo',
                                      typestore=typestore, offered_qos_profiles=[CLOUD_BAG_QOS])
         points = writer.add_connection(cloud_topic, 'sensor_msgs/msg/PointCloud2',
                                        typestore=typestore, offered_qos_profiles=[CLOUD_BAG_QOS])
         writer.write(tf_static, stamps[0] - 1, serialize_message(TFMessage(transforms=static)))
-        for i, (frame, stamp) in enumerate(zip(frames, stamps)):
+        count = 0
+        for frame in frames:
+            if count == len(stamps):
+                raise ValueError(f'got more frames than the {len(stamps)} stamps; expected one '
+                                 'per stamp')
+            stamp = stamps[count]
+            if np.shape(frame.points)[:2] != (height, width):
+                raise ValueError(f'frame {count} has shape {np.shape(frame.points)}, which does '
+                                 f'not match the camera ({height} x {width})')
             if tf is not None:
-                writer.write(tf, stamp, dynamic[i])
+                writer.write(tf, stamp, dynamic[count])
             writer.write(info, stamp, serialize_message(
                 camera_info(width, height, fx, fy, cx, cy, camera_frame, stamp)))
             writer.write(points, stamp, serialize_message(organized_xyzrgb_cloud(
                 frame.points, frame.rgb, camera_frame, stamp, unit=unit)))
-    return path
+            count += 1
+        if count != len(stamps):
+            raise ValueError(f'got {count} frames for {len(stamps)} stamps; expected one per '
+                             'stamp')
 
 
 def _message_type(name: str) -> type:
