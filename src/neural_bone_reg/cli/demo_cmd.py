@@ -506,7 +506,7 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
     counters = watcher.heartbeats[-1][1] if watcher.heartbeats else counters
     if not final:
         print(f"demo: note: the node received {counters.get('clouds_received', '?')} of "
-              f"{info['count']} clouds (best-effort sensor QoS) and its newest accepted "
+              f"{info['count']} clouds (a volatile topic may drop some) and its newest accepted "
               'transform is for an earlier cloud than the last one of the bag')
     estimate = transform_stamped_to_matrix(transform)
     np.set_printoptions(precision=4, suppress=True)
