@@ -34,7 +34,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help='distance backend of the search (default: from the config)')
     parser.add_argument('--seed', type=int, help='registration seed (default: from the config)')
     parser.add_argument('--threads', type=int, default=0,
-                        help='torch intra-op threads (0: auto, the CPUs available, at most 4)')
+                        help='torch intra-op threads (0: auto, half the CPUs available, 1-4)')
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:

@@ -17,17 +17,22 @@ AUTO = 0
 #: Never more intra-op threads than this by default: the solver's tensors are small, so more
 #: threads add synchronisation, not speed.
 MAX_DEFAULT_INTRA_OP_THREADS = 4
+#: By default the solver takes this share of the CPUs it may use, leaving the rest to the robot
+#: stack: OpenMP workers busy-wait, so a pool as large as the machine collapses as soon as
+#: another job holds a core (measured on 2 cores, another 2-thread job running: one thread
+#: 5 s, two threads 20-35 s for the same registration).
+DEFAULT_CPU_SHARE = 0.5
 #: Hard upper bound of either setting.
 MAX_THREADS = 256
 
 
 def default_intra_op_threads() -> int:
-    """Return the automatic intra-op thread count: the CPUs this process may use, at most 4."""
+    """Return the automatic intra-op thread count: half the CPUs this process may use, 1-4."""
     try:
         available = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
         available = os.cpu_count() or 1
-    return max(1, min(available, MAX_DEFAULT_INTRA_OP_THREADS))
+    return max(1, min(int(available * DEFAULT_CPU_SHARE), MAX_DEFAULT_INTRA_OP_THREADS))
 
 
 def check_threads(intra_op: int, inter_op: int) -> None:

@@ -82,7 +82,7 @@ class PreopLoader(LifecycleNode):
         declare(self, 'autostart', True,
                 'Configure and activate on start, without a lifecycle manager.', read_only=True)
         declare(self, 'threads.intra_op', 0,
-                'Torch intra-op threads for training; 0 = auto (the CPUs available, at most 4).',
+                'Torch intra-op threads for training; 0 = auto (half the CPUs available, 1-4).',
                 value_range=(0, MAX_THREADS), read_only=True)
         declare(self, 'threads.inter_op', 0,
                 'Torch inter-op threads; 0 = auto (1).', value_range=(0, MAX_THREADS),
