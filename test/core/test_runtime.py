@@ -1,0 +1,32 @@
+"""Torch thread settings: validated, applied, and half the CPUs by default."""
+
+import os
+
+import pytest
+import torch
+
+from neural_bone_reg.core import runtime
+
+
+@pytest.mark.parametrize('bad', [-1, runtime.MAX_THREADS + 1, 1.5, True, '2'])
+def test_bad_thread_counts_are_refused(bad):
+    with pytest.raises(ValueError, match='threads'):
+        runtime.check_threads(bad, 0)
+    with pytest.raises(ValueError, match='threads'):
+        runtime.check_threads(0, bad)
+
+
+def test_auto_takes_half_the_cpus_between_one_and_four(monkeypatch):
+    for cpus, expected in ((1, 1), (2, 1), (4, 2), (16, 4)):
+        monkeypatch.setattr(os, 'sched_getaffinity', lambda pid, n=cpus: set(range(n)))
+        assert runtime.default_intra_op_threads() == expected
+
+
+def test_configure_threads_applies_the_intra_op_count():
+    before = torch.get_num_threads()
+    try:
+        intra, inter = runtime.configure_threads(1, 0)
+        assert intra == torch.get_num_threads() == 1
+        assert inter == torch.get_num_interop_threads()
+    finally:
+        torch.set_num_threads(before)
