@@ -38,7 +38,8 @@ def generate_launch_description() -> LaunchDescription:
              "Preoperative bone mesh (STL/PLY/OBJ, mm); 'phantom' = the embedded phantom femur."),
         _arg('cloud_topic', '/us/points', 'sensor_msgs/PointCloud2 input topic (metres).'),
         _arg('robot_frame', '',
-             "Parent frame of the broadcast transform; '' = each cloud's frame_id."),
+             "Parent frame of the broadcast transform; '' = each cloud's frame_id. Clouds in "
+             'another frame are transformed into it by tf at their stamps.'),
         _arg('bone_frame', 'bone', 'Child frame of the broadcast transform (the mesh frame).'),
         _arg('device', 'auto', "Torch device: 'auto', 'cpu' or 'cuda'."),
         _arg('mode', 'sweep', "'sweep' (accumulate a probe sweep), 'single' (each cloud) or "

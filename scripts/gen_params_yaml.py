@@ -39,6 +39,12 @@ PREOP_LOADER_HEAD = """\
     # Configure and activate on start without a lifecycle manager. Set false to drive the
     # lifecycle with `ros2 lifecycle set` or a lifecycle manager. Read-only.
     autostart: true
+    threads:
+      # Torch intra-op threads for training; 0 = auto (half the CPUs available, 1-4).
+      # Range [0, 256]. Read-only.
+      intra_op: 0
+      # Torch inter-op threads; 0 = auto (1). Range [0, 256]. Read-only.
+      inter_op: 0
 """
 
 REGISTRATION_NODE_HEAD = """\
@@ -54,9 +60,19 @@ REGISTRATION_NODE_HEAD = """\
     # first cloud, then follow the bone frame to frame from the last accepted pose at video
     # rate (RGB-D), falling back to a full registration whenever a frame fails the gates.
     mode: 'sweep'
-    # Parent frame of the broadcast transform; '' uses each cloud's header.frame_id. Clouds in
-    # another frame are rejected (the node does no tf lookups).
+    # Parent frame of the broadcast transform and of bone_pose; '' uses each cloud's
+    # header.frame_id. A cloud in another frame is transformed into robot_frame at its header
+    # stamp with tf2_ros (each sweep slice at its own), in the worker; a failed lookup, or a
+    # missing tf2_ros, is reported on /diagnostics and that cloud gives no transform.
+    # Outputs, accepted results only: tf robot_frame -> bone_frame, and bone_pose
+    # (geometry_msgs/PoseWithCovarianceStamped: the same pose with its 6x6 covariance, m and
+    # rad, row-major over x, y, z and rotations about the parent's X, Y, Z), published
+    # reliable and transient local, depth 1: a result that a planner reads once, possibly
+    # after it was published, so a late subscriber still gets the latest.
     robot_frame: ''
+    # Longest wait for the tf of a cloud in another frame than robot_frame, at the cloud
+    # stamp, s; on timeout that cloud gives no transform. Range [0.0, 10.0].
+    tf_timeout_s: 0.2
     # Child frame of the broadcast transform; '' takes bone_frame from the model message
     # ('bone' for a model given by parameter).
     bone_frame: ''
@@ -121,7 +137,7 @@ REGISTRATION_NODE_HEAD = """\
       # the newest. Range [1, 1000]. Read-only.
       depth: 5
     threads:
-      # Torch intra-op threads of the solver; 0 = auto (the CPUs available, at most 4).
+      # Torch intra-op threads of the solver; 0 = auto (half the CPUs available, 1-4).
       # Range [0, 256]. Read-only.
       intra_op: 0
       # Torch inter-op threads; 0 = auto (1: the solver runs one graph at a time).

@@ -603,16 +603,24 @@ def test_an_incompatible_publisher_and_lost_clouds_show_in_diagnostics(
     assert status_values(find_status(heartbeat, 'model'))['incompatible_publishers'] == '1'
 
 
-def test_a_cloud_in_another_frame_than_robot_frame_is_rejected(
+def test_a_cloud_in_another_frame_than_robot_frame_needs_a_tf_lookup(
         ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
-    node = spin(registration_node(ros_context, mode='single', robot_frame='world'))
-    node.use_registrar(ScriptedRegistrar())
+    """With no tf for the cloud's frame (here: none at all), the cloud gives no transform."""
+    node = spin(registration_node(ros_context, mode='single', robot_frame='world',
+                                  tf_timeout_s=0.05))
+    scripted = ScriptedRegistrar()
+    node.use_registrar(scripted)
     diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
     pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
     pub.publish(cloud(patch_points(), frame='camera'))
-    array = diags.wait_for(lambda a: find_status(a, 'input', frame_id='camera') is not None,
-                           MESSAGE_TIMEOUT_S)
-    assert array is not None and 'robot_frame' in find_status(array, 'input').message
+    array = diags.wait_for(lambda a: find_status(a, ': tf', frame_id='camera') is not None,
+                           SOLVE_TIMEOUT_S)
+    assert array is not None, 'no tf diagnostic for a cloud outside robot_frame'
+    status = find_status(array, ': tf', frame_id='camera')
+    assert status.level == DiagnosticStatus.ERROR
+    assert "'camera' -> 'world'" in status.message, status.message
+    assert node.wait_idle(SOLVE_TIMEOUT_S)
+    assert scripted.calls == [] and node.n_broadcasts == 0 and node.n_tf_failures == 1
 
 
 def test_sweep_mode_accumulates_slices_until_min_points(

@@ -20,10 +20,15 @@ goes backwards, more than ``track.max_gap_s`` passes between frames, the last gl
 registration is older than ``track.max_age_s``, and after a reset, ``~/register_now``, or a
 mode, model or registration parameter change.
 
+Frames: a cloud whose frame_id differs from ``robot_frame`` is transformed into robot_frame
+at its own header stamp with tf2_ros (``tf_lookup``), in the worker, waiting at most
+``tf_timeout_s``; each sweep slice is transformed at its own stamp. A failed lookup (or a
+missing tf2_ros) is reported on /diagnostics and that cloud gives no transform.
+
 Threading: the subscription callback only converts the cloud and stores it in a depth-1
-slot (modes 'single' and 'track') or in a bounded sweep buffer (mode 'sweep'); a worker thread
-loads models and solves, always on the newest data, so the executor never blocks and no
-backlog builds up.
+slot (modes 'single' and 'track') or in a bounded inbox of sweep slices (mode 'sweep'); a
+worker thread transforms and downsamples slices into the sweep buffer, loads models and
+solves, always on the newest data, so the executor never blocks and no backlog builds up.
 
 Convention: ``RegistrationResult.transform`` maps cloud points into the bone frame, so it is
 T_bone_cloud; the tf transform (parent = cloud/robot frame, child = bone frame) is its inverse.
@@ -31,6 +36,7 @@ T_bone_cloud; the tf transform (parent = cloud/robot frame, child = bone frame) 
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 import os
 import sys
@@ -63,8 +69,9 @@ from neural_bone_reg.ros.node_main import run_node
 from neural_bone_reg.ros.qos import (cloud_qos, DEFAULT_CLOUD_DEPTH, DEFAULT_CLOUD_HISTORY,
                                      DEFAULT_CLOUD_RELIABILITY, DIAGNOSTICS_QOS, LATCHED_QOS,
                                      MAX_CLOUD_DEPTH)
-from neural_bone_reg.ros.sweep_buffer import SweepBuffer
+from neural_bone_reg.ros.sweep_buffer import SweepBuffer, voxel_downsample
 from neural_bone_reg.ros.tf_compat import make_tf_broadcaster, send_transforms
+from neural_bone_reg.ros.tf_lookup import CloudTransformer, TfLookupError
 
 try:  # rclpy >= Iron; Humble has the same classes in rclpy.qos_event
     from rclpy.event_handler import qos_policy_name_from_kind, SubscriptionEventCallbacks
@@ -87,6 +94,9 @@ WORKER_THREAD_NAME = 'registration_worker'
 DIAGNOSTICS_PERIOD_S = 1.0
 #: Uncertainty fields of a result reported on /diagnostics (core.registrar.RegistrationResult).
 UNCERTAINTY_KEYS = ('bound_mm', 'bound_deg', 'uniqueness_z', 'uniqueness_margin_mm')
+#: Default and largest wait for a tf lookup of a cloud in another frame than robot_frame, s.
+DEFAULT_TF_TIMEOUT_S = 0.2
+MAX_TF_TIMEOUT_S = 10.0
 #: Hard upper bound of the max_cloud_points parameter.
 MAX_CLOUD_POINTS_LIMIT = 100_000_000
 
@@ -104,6 +114,19 @@ class _Job:
     stamp_ns: int
     received_monotonic: float
     n_slices: int = 1
+    source_frame: str = ''
+    """Frame the points are in when it is not ``frame_id`` (a tf lookup is due); else ''."""
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """One sweep slice as received: in ``source_frame``, for the sweep in ``parent``."""
+
+    points: np.ndarray
+    source_frame: str
+    parent: str
+    stamp_ns: int
+    received_monotonic: float
 
 
 @dataclass(frozen=True)
@@ -158,6 +181,8 @@ class RegistrationNode(Node):
         self._sweep_max_wait_s = self.get_parameter('sweep.max_wait_s').value
         self._track_max_gap_s = self.get_parameter('track.max_gap_s').value
         self._track_max_age_s = self.get_parameter('track.max_age_s').value
+        self._tf_timeout_s = self.get_parameter('tf_timeout_s').value
+        self._tf: CloudTransformer | None = None
         self._sweep = self._make_sweep_buffer({})
         self.get_logger().info(
             f'mode={self._mode} device={self._device_name} preset={self._preset} '
@@ -167,6 +192,7 @@ class RegistrationNode(Node):
             f'sweep.voxel_mm={self._sweep.voxel_mm} sweep.max_points={self._sweep.max_points} '
             f'sweep.settle_s={self._sweep_settle_s} sweep.max_wait_s={self._sweep_max_wait_s} '
             f'track.max_gap_s={self._track_max_gap_s} track.max_age_s={self._track_max_age_s} '
+            f'tf_timeout_s={self._tf_timeout_s} '
             f'cloud_qos.reliability={self.get_parameter("cloud_qos.reliability").value} '
             f'cloud_qos.history={self.get_parameter("cloud_qos.history").value} '
             f'cloud_qos.depth={self._cloud_qos.depth} '
@@ -177,10 +203,11 @@ class RegistrationNode(Node):
         self._cond = threading.Condition()
         self._stop = False
         self._pending: _Job | None = None
+        self._inbox: deque[_Slice] = deque()  # sweep slices the worker has not taken yet
+        self._inbox_points = 0
         self._last_job: _Job | None = None
         self._sweep_dirty = False
         self._sweep_force = False
-        self._sweep_stamp_ns = 0
         self._sweep_received = 0.0
         self._sweep_dirty_since = 0.0
         self._model_job: _ModelJob | None = None
@@ -201,6 +228,7 @@ class RegistrationNode(Node):
         self.n_solves = 0
         self.n_broadcasts = 0
         self.n_poses = 0  # bone_pose messages published
+        self.n_tf_failures = 0  # clouds or slices whose tf lookup failed
         self.n_tracked = 0
         self.n_lost = 0  # clouds the middleware reports lost (message_lost events)
         self.n_incompatible = 0  # publishers whose QoS cannot match (incompatible_qos events)
@@ -230,6 +258,7 @@ class RegistrationNode(Node):
                                                  self.on_register_now)
         self._reset_srv = self.create_service(Trigger, '~/reset', self.on_reset)
         self.add_on_set_parameters_callback(self.on_set_parameters)
+        self._ensure_tf()
 
         checkpoint = self.get_parameter('checkpoint').value
         mesh_path = self.get_parameter('mesh_path').value
@@ -257,7 +286,11 @@ class RegistrationNode(Node):
                 'falling back to a full registration whenever a frame fails the gates.')
         declare(self, 'robot_frame', '',
                 "Parent frame of the broadcast transform; '' uses each cloud's frame_id. "
-                'A cloud in another frame is rejected (this node does no tf lookups).')
+                'A cloud in another frame is transformed into it at its stamp (tf2_ros).')
+        declare(self, 'tf_timeout_s', DEFAULT_TF_TIMEOUT_S,
+                'Longest wait for the tf of a cloud in another frame than robot_frame, at the '
+                'cloud stamp, s (in the worker); on timeout that cloud gives no transform.',
+                value_range=(0.0, MAX_TF_TIMEOUT_S))
         declare(self, 'bone_frame', '',
                 "Child frame of the broadcast transform; '' takes the model's bone_frame "
                 "(or 'bone' for a model loaded from a parameter).")
@@ -320,7 +353,7 @@ class RegistrationNode(Node):
                 'callback takes them. Read-only.', value_range=(1, MAX_CLOUD_DEPTH),
                 read_only=True)
         declare(self, 'threads.intra_op', 0,
-                'Torch intra-op threads of the solver; 0 = auto (the CPUs available, at most 4). '
+                'Torch intra-op threads of the solver; 0 = auto (half the CPUs available, 1-4). '
                 'Read-only.', value_range=(0, MAX_THREADS), read_only=True)
         declare(self, 'threads.inter_op', 0,
                 'Torch inter-op threads; 0 = auto (1: the solver runs one graph at a time). '
@@ -385,14 +418,25 @@ class RegistrationNode(Node):
             self._track_max_gap_s = changes.get('track.max_gap_s', self._track_max_gap_s)
             self._track_max_age_s = changes.get('track.max_age_s', self._track_max_age_s)
             self._robot_frame = changes.get('robot_frame', self._robot_frame)
+            self._tf_timeout_s = changes.get('tf_timeout_s', self._tf_timeout_s)
             self._bone_frame_param = changes.get('bone_frame', self._bone_frame_param)
             self._max_cloud_points = changes.get('max_cloud_points', self._max_cloud_points)
             self._sweep_min_points = changes.get('sweep.min_points', self._sweep_min_points)
             self._sweep_settle_s = changes.get('sweep.settle_s', self._sweep_settle_s)
             self._sweep_max_wait_s = changes.get('sweep.max_wait_s', self._sweep_max_wait_s)
             self._cond.notify_all()
+        self._ensure_tf()
         self.get_logger().info(f'parameters changed: {changes}')
         return SetParametersResult(successful=True)
+
+    def _ensure_tf(self) -> None:
+        """Create the tf2_ros Buffer and listener once a robot_frame asks for lookups."""
+        if self._robot_frame and self._tf is None:
+            self._tf = CloudTransformer.for_node(self)
+
+    def use_tf_buffer(self, buffer: Any) -> None:
+        """Look up cloud frames in ``buffer`` (anything with tf2_ros.Buffer's lookup_transform)."""
+        self._tf = CloudTransformer(buffer)
 
     # ----------------------------------------------------------------- callbacks
 
@@ -405,41 +449,45 @@ class RegistrationNode(Node):
         received = time.monotonic()
         self.n_received += 1
         try:
-            xyz, parent, stamp_ns = self._read_cloud(msg)
+            xyz, parent, stamp_ns, source = self._read_cloud(msg)
             # How old the cloud is on arrival by this node's clock: sensor and transport delay.
             self.last_input_age_s = (self.get_clock().now().nanoseconds - stamp_ns) / 1e9
-            self._store_cloud(xyz, parent, stamp_ns, received)
+            self._store_cloud(xyz, parent, stamp_ns, received, source)
         except InputError as exc:
             self._reject_input(msg, str(exc))
         except Exception as exc:  # a message no check foresaw: refuse it, keep running
             self._reject_input(msg, f'cannot read the cloud ({type(exc).__name__}: {exc}); '
                                     'expected a well-formed sensor_msgs/PointCloud2')
 
-    def _store_cloud(self, xyz: np.ndarray, parent: str, stamp_ns: int,
-                     received: float) -> None:
-        """Hand a checked cloud to the worker: the depth-1 slot, or the sweep buffer."""
+    def _store_cloud(self, xyz: np.ndarray, parent: str, stamp_ns: int, received: float,
+                     source: str) -> None:
+        """Hand a checked cloud to the worker: the depth-1 slot, or the sweep inbox.
+
+        Nothing costly happens here: tf lookups and voxel downsampling are the worker's. The
+        inbox holds at most sweep.max_points points; older slices beyond it are dropped.
+        """
+        points = xyz.astype(np.float32)
+        lookup = source if source != parent else ''
         with self._cond:
             if self._mode != 'sweep':
                 if self._pending is not None:
                     self.n_dropped += 1
-                self._pending = _Job(xyz.astype(np.float32), parent, stamp_ns, received)
+                self._pending = _Job(points, parent, stamp_ns, received, source_frame=lookup)
                 self._last_job = self._pending
             else:
-                if self._sweep.add(xyz, parent, stamp_ns):
-                    self.get_logger().info(f'new sweep in frame {parent!r} (frame change, '
-                                           'time jump or gap longer than sweep.max_age_s)')
-                if self._sweep_dirty:
+                self._inbox.append(_Slice(points, source, parent, stamp_ns, received))
+                self._inbox_points += len(points)
+                while len(self._inbox) > 1 and self._inbox_points > self._sweep.max_points:
+                    self._inbox_points -= len(self._inbox.popleft().points)
                     self.n_dropped += 1
-                self._sweep_stamp_ns = stamp_ns
                 self._sweep_received = received
-                due = self._sweep.n_points >= self._sweep_min_points
-                if due and not self._sweep_dirty:
-                    self._sweep_dirty_since = received
-                self._sweep_dirty = due
             self._cond.notify_all()
 
-    def _read_cloud(self, msg: PointCloud2) -> tuple[np.ndarray, str, int]:
-        """Return (points in mm, parent frame, stamp ns) of a usable cloud; else InputError."""
+    def _read_cloud(self, msg: PointCloud2) -> tuple[np.ndarray, str, int, str]:
+        """Return (points mm, parent frame, stamp ns, cloud frame) of a usable cloud.
+
+        Raises InputError for an unusable one.
+        """
         n_declared = int(msg.width) * int(msg.height)
         frame = msg.header.frame_id
         input_checks.check_frame_id(frame)
@@ -447,18 +495,17 @@ class RegistrationNode(Node):
             raise InputError(f'cloud declares {n_declared} points (width {msg.width} x height '
                              f'{msg.height}), more than max_cloud_points={self._max_cloud_points}'
                              '; rejected before conversion')
-        if self._robot_frame and frame not in ('', self._robot_frame):
-            raise InputError(f'cloud is in frame {input_checks.quoted(frame)} but robot_frame is '
-                             f'{self._robot_frame!r}; this node does no tf lookups, so publish '
-                             "in robot_frame or set robot_frame to ''")
         parent = self._robot_frame or frame
         if not parent:
             raise InputError("cloud has an empty frame_id and robot_frame is ''; cannot name "
                              'the parent frame of the transform')
-        stamp_ns = input_checks.check_header(msg, parent, self._bone_frame())
+        source = frame or parent  # an empty frame_id is taken to be robot_frame
+        stamp_ns = input_checks.check_header(msg, source, self._bone_frame())
+        if source != parent:
+            input_checks.check_header(msg, parent, self._bone_frame())
         # Messages carry metres (REP 103); the arrays and the core work in mm.
-        xyz = input_checks.read_points(msg, parent, self._max_extent_mm)
-        return xyz, parent, stamp_ns
+        xyz = input_checks.read_points(msg, source, self._max_extent_mm)
+        return xyz, parent, stamp_ns, source
 
     def on_incompatible_qos(self, info: Any) -> None:
         """Report a publisher whose QoS cannot match the cloud subscription (nothing arrives)."""
@@ -521,20 +568,24 @@ class RegistrationNode(Node):
                     self._end_track()  # track mode: a full registration, not a re-track
                     response.success = True
                     response.message = f'queued {len(self._last_job.points)} points'
-            elif self._sweep.n_points == 0:
+            elif self._sweep.n_points == 0 and not self._inbox:
                 response.success, response.message = False, 'the sweep is empty'
             else:
                 self._sweep_dirty = self._sweep_force = True
                 response.success = True
-                response.message = f'queued the sweep ({self._sweep.n_points} points)'
+                held = self._sweep.n_points + self._inbox_points
+                response.message = f'queued the sweep ({held} points)'
             self._cond.notify_all()
         return response
 
     def on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         """Drop the accumulated sweep and any queued cloud."""
         with self._cond:
-            dropped = self._sweep.n_points + (0 if self._pending is None else 1)
+            dropped = (self._sweep.n_points + self._inbox_points
+                       + (0 if self._pending is None else 1))
             self._sweep.clear()
+            self._inbox.clear()
+            self._inbox_points = 0
             self._sweep_dirty = self._sweep_force = False
             self._pending = self._last_job = None
             self._end_track()
@@ -547,7 +598,8 @@ class RegistrationNode(Node):
 
     def _work_delay(self) -> float | None:
         """Return seconds until queued work is due (0: now), or None without work."""
-        if self._model_job is not None or self._pending_registration is not None:
+        if (self._model_job is not None or self._pending_registration is not None
+                or self._inbox):
             return 0.0
         if self._registrar is None:
             return None
@@ -587,11 +639,15 @@ class RegistrationNode(Node):
                 if self._stop:
                     return
                 self._busy = True
+                slices, self._inbox, self._inbox_points = self._inbox, deque(), 0
                 model_job, self._model_job = self._model_job, None
                 new_registration, self._pending_registration = self._pending_registration, None
-                job = None if model_job or new_registration else self._take_job()
+                job = (None if slices or model_job or new_registration  # those first
+                       else self._take_job())
                 epoch = self._track_epoch  # with the job: a later reset or change voids it
             try:
+                if slices:
+                    self._add_slices(slices)
                 if model_job is not None:
                     self._load_model(model_job)
                 if new_registration is not None:  # also after a model load: not dropped
@@ -606,6 +662,48 @@ class RegistrationNode(Node):
                 self.get_logger().error(f'worker error: {type(exc).__name__}: {exc}')
                 self._publish_diag('registration', ERROR,
                                    f'internal error: {type(exc).__name__}: {exc}')
+
+    def _add_slices(self, slices: deque[_Slice]) -> None:
+        """Transform (tf, at each slice's stamp) and downsample slices into the sweep buffer."""
+        for piece in slices:
+            points = piece.points
+            if piece.source_frame != piece.parent:
+                try:
+                    points = self._to_parent(points, piece.parent, piece.source_frame,
+                                             piece.stamp_ns)
+                except TfLookupError as exc:
+                    self._report_tf_failure(exc, piece.source_frame, piece.stamp_ns,
+                                            'sweep slice left out of the sweep')
+                    continue
+            points = voxel_downsample(points, self._sweep.voxel_mm)  # outside the lock
+            with self._cond:
+                if self._sweep.add(points, piece.parent, piece.stamp_ns, presampled=True):
+                    self.get_logger().info(f'new sweep in frame {piece.parent!r} (frame change, '
+                                           'time jump or gap longer than sweep.max_age_s)')
+                due = self._sweep.n_points >= self._sweep_min_points
+                if due and not self._sweep_dirty:
+                    self._sweep_dirty_since = piece.received_monotonic
+                self._sweep_dirty = due or self._sweep_force
+
+    def _to_parent(self, points: np.ndarray, parent: str, source: str,
+                   stamp_ns: int) -> np.ndarray:
+        """Return ``points`` (mm, in ``source``) in ``parent`` at ``stamp_ns``; TfLookupError."""
+        transformer = self._tf or CloudTransformer(None)
+        matrix = transformer.lookup_mm(parent, source, stamp_ns, self._tf_timeout_s)
+        return apply_transform(matrix, points).astype(np.float32)
+
+    def _report_tf_failure(self, exc: TfLookupError, source: str, stamp_ns: int,
+                           outcome: str) -> None:
+        with self._cond:
+            self.n_tf_failures += 1
+            self._end_track()
+        stamp = to_time_msg(stamp_ns)
+        message = f'{exc}; {outcome}, no transform broadcast'
+        self.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+        self._publish_diag('tf', ERROR, message,
+                           {'frame_id': source, 'robot_frame': self._robot_frame,
+                            'stamp': f'{stamp.sec}.{stamp.nanosec:09d}',
+                            'tf_failures': self.n_tf_failures})
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until the worker has nothing queued or running; return False on timeout."""
@@ -683,6 +781,14 @@ class RegistrationNode(Node):
 
     def _solve(self, job: _Job, epoch: int) -> None:
         registrar = self._registrar
+        if job.source_frame:  # a cloud in another frame than robot_frame
+            try:
+                job = _Job(self._to_parent(job.points, job.frame_id, job.source_frame,
+                                           job.stamp_ns),
+                           job.frame_id, job.stamp_ns, job.received_monotonic, job.n_slices)
+            except TfLookupError as exc:
+                self._report_tf_failure(exc, job.source_frame, job.stamp_ns, 'cloud not solved')
+                return
         stamp = to_time_msg(job.stamp_ns)  # checked on arrival: it cannot wrap
         bone_frame = self._bone_frame()
         context = {'frame_id': job.frame_id, 'bone_frame': bone_frame,
@@ -756,8 +862,9 @@ class RegistrationNode(Node):
     def _publish_pose(self, result: Any, parent: str, stamp: Any) -> str:
         """Publish an accepted result on bone_pose; return what was done, for diagnostics.
 
-        Only a measured covariance is published: a tracked frame (local refinement) has none,
-        so it goes on tf alone and bone_pose keeps the last pose whose uncertainty is known.
+        Only a measured covariance is published: a result without one (a registrar that does
+        not measure it) goes on tf alone, and bone_pose keeps the last pose whose uncertainty
+        is known.
         """
         covariance = np.asarray(getattr(result, 'covariance', np.full((6, 6), np.inf)))
         if covariance.shape != (6, 6) or not np.isfinite(covariance).all():
@@ -837,6 +944,7 @@ class RegistrationNode(Node):
                     'clouds_dropped': self.n_dropped, 'solves': self.n_solves,
                     'broadcasts': self.n_broadcasts, 'tracked': self.n_tracked,
                     'clouds_lost': self.n_lost, 'incompatible_publishers': self.n_incompatible,
+                    'tf_failures': self.n_tf_failures, 'bone_poses': self.n_poses,
                     'last_input_age_s': self.last_input_age_s,
                     'worker_busy': self._busy,
                     'sweep_points': self._sweep.n_points}

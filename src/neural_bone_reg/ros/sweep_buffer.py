@@ -71,8 +71,12 @@ class SweepBuffer:
         self._n_points = 0
         self._frame_id = ''
 
-    def add(self, points: np.ndarray, frame_id: str, stamp_ns: int) -> bool:
-        """Add one slice; return True when it started a new sweep (frame change or time jump)."""
+    def add(self, points: np.ndarray, frame_id: str, stamp_ns: int, *,
+            presampled: bool = False) -> bool:
+        """Add one slice; return True when it started a new sweep (frame change or time jump).
+
+        ``presampled`` says the caller already voxel downsampled it (outside a lock).
+        """
         restarted = False
         newest = self._slices[-1][0] if self._slices else None
         if self._slices and (frame_id != self._frame_id or stamp_ns < newest
@@ -80,7 +84,9 @@ class SweepBuffer:
             self.clear()
             restarted = True
         self._frame_id = frame_id
-        points = voxel_downsample(np.asarray(points, dtype=np.float32), self.voxel_mm)
+        points = np.asarray(points, dtype=np.float32)
+        if not presampled:
+            points = voxel_downsample(points, self.voxel_mm)
         if len(points) > self.max_points:
             points = points[:self.max_points]
         self._slices.append((stamp_ns, points))
