@@ -20,7 +20,8 @@ are means over the successful trials. ``--budget-s`` bounds the whole run: once 
 the remaining trials and rows are skipped (and say so), so that one call always ends in time.
 The JSON (``--json``) is rewritten after every row, so a run cut short still leaves its rows.
 
-    benchmarks/run_gpu_bench.sh                  # on a CUDA machine: fresh venv, then this
+    benchmarks/run_gpu_bench.sh --prepare        # here: wheels and data into out/gpu_carry
+    bash benchmarks/run_gpu_bench.sh             # there (carry out/gpu_carry): venv, then this
     .venv/bin/python benchmarks/bench_gpu.py --device cpu --tiny --json out/gpu_tiny.json
 """
 
