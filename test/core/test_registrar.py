@@ -145,3 +145,12 @@ def test_precision_is_judged_at_a_configured_target(phantom_registrar, phantom_m
         precision_target_mm=far_target)).register(cloud)
     assert far.bound_mm > near.bound_mm  # rotation uncertainty grows with the lever arm
     assert not far.accepted and any('target' in r for r in far.rejection_reasons)
+
+
+def test_warm_up_runs_and_leaves_results_unchanged(phantom_registrar, phantom_mesh):
+    rng = np.random.default_rng(11)
+    cloud = sim.simulate_partial_cloud(phantom_mesh, rng, n_points=1500)
+    before = phantom_registrar.register(cloud)
+    assert phantom_registrar.warm_up() > 0.0
+    after = phantom_registrar.register(cloud)
+    np.testing.assert_allclose(after.transform, before.transform, atol=1e-9)

@@ -70,6 +70,11 @@ TRACK_ICP_TOLERANCE_MM = 0.03
 #: A tracked fit whose ICP still moves more than this per step (mm) has not settled; one that
 #: stops the iterations while creeping below it (noise-level jitter) is accepted.
 TRACK_MAX_LAST_STEP_MM = 0.1
+#: The tiny search of ``warm_up`` on this many surface points: every stage runs, briefly.
+WARM_UP_POINTS = 400
+WARM_UP_CONFIG = dict(num_hypotheses=32, coarse_iterations=2, coarse_prune_every=0, fine_top_k=4,
+                      fine_iterations=2, fine_points=64, final_candidates=2, refined_candidates=1,
+                      refine_iterations=2, min_points=3)
 #: A prior whose 3x3 block is farther than this from orthonormal is not a rotation.
 PRIOR_ORTHONORMAL_TOLERANCE = 1e-4
 
@@ -219,6 +224,19 @@ class BoneRegistrar:
         clone.__dict__.update(self.__dict__)
         clone.config = config
         return clone
+
+    def warm_up(self) -> float:
+        """Run one tiny registration so the first real one does not pay torch's start-up.
+
+        torch imports its compiler stack on the first optimiser step and allocates its pools
+        on the first passes (about 1.5 s on a CPU); a node calls this after loading a model.
+        Returns the seconds it took.
+        """
+        start = time.perf_counter()
+        tiny = replace(self.config, **WARM_UP_CONFIG)
+        sample = self.surface.points[:: max(len(self.surface.points) // WARM_UP_POINTS, 1)]
+        self.with_config(tiny).register(sample)
+        return time.perf_counter() - start
 
     # -- registration -------------------------------------------------------------------------
 

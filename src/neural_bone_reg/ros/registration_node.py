@@ -745,6 +745,12 @@ class RegistrationNode(Node):
             self.get_logger().error(message)
             self._publish_diag('model', ERROR, message)
             return
+        warm_up = getattr(registrar, 'warm_up', None)
+        if warm_up is not None:  # the first real solve then skips torch's start-up
+            try:
+                self.get_logger().info(f'solver warmed up in {warm_up():.2f} s')
+            except (InputError, ValueError, RuntimeError) as exc:
+                self.get_logger().warning(f'solver warm-up failed (harmless): {exc}')
         surface = getattr(registrar, 'surface_points', None)
         max_extent_mm = float('inf')
         if surface is not None and len(surface):
