@@ -237,6 +237,8 @@ class PreopLoader(LifecycleNode):
         # The surface is static geometry: stamp zero means "valid at any time" to tf users.
         # Published in metres (REP 103), like every cloud and tf of the package.
         surface = xyz_to_cloud(registrar.surface_points, bone_frame, Time().to_msg())
+        message = (f'bone model ready in {time.monotonic() - started:.1f} s: '
+                   f'{info.checkpoint} ({len(registrar.surface_points)} surface points)')
         with self._lock:
             if not self._is_current(generation):
                 self.get_logger().info(
@@ -247,12 +249,13 @@ class PreopLoader(LifecycleNode):
             self._model_msg = String(data=encode_model_info(info))
             self._surface_msg = surface
             self._publish_model_locked()
+            # The status says ready before ``ready`` is set: whoever sees one sees the other.
+            self._model_status = (OK, message, {'checkpoint': info.checkpoint,
+                                                'mesh_sha256': info.sha256,
+                                                'bone_frame': bone_frame})
             self.ready.set()
-        message = (f'bone model ready in {time.monotonic() - started:.1f} s: '
-                   f'{info.checkpoint} ({len(registrar.surface_points)} surface points)')
         self.get_logger().info(message)
-        self._set_status(OK, message, {'checkpoint': info.checkpoint, 'mesh_sha256': info.sha256,
-                                       'bone_frame': bone_frame}, generation=generation)
+        self.on_diagnostics_timer()
 
     def _publish_model_locked(self) -> None:
         if self._active and self._model_msg is not None:
