@@ -134,3 +134,26 @@ def make_node(ros_context: Context,
     ros_executor.stop()
     for node in reversed(nodes):
         node.destroy_node()
+
+
+@pytest.fixture
+def spin(ros_context: Context,
+         ros_executor: BackgroundExecutor) -> Iterator[Callable[[Node], Node]]:
+    """Yield ``spin(node)``: add a node to the executor; destroy it after the test."""
+    nodes: list[Node] = []
+
+    def add(node: Node) -> Node:
+        nodes.append(node)
+        ros_executor.add_node(node)
+        return node
+
+    yield add
+    ros_executor.stop()  # before destroying nodes it spins (rclpy#1355)
+    for node in reversed(nodes):
+        node.destroy_node()
+
+
+@pytest.fixture
+def probe(make_node: Callable[..., Node]) -> Node:
+    """Return a plain node for test publishers and subscribers."""
+    return make_node('test_probe')

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 import threading
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseWithCovarianceStamped
@@ -91,28 +91,6 @@ class ScriptedRegistrar:
                                   rejection_reasons=self.reasons, n_points=len(points),
                                   time_s=0.01, timings={'coarse_s': 0.005},
                                   **self.uncertainty)
-
-
-@pytest.fixture
-def spin(ros_context: Any, ros_executor: Any) -> Iterator[Callable[[Any], Any]]:
-    """Yield ``spin(node)``: add a node to the executor; destroy it after the test."""
-    nodes = []
-
-    def add(node: Any) -> Any:
-        nodes.append(node)
-        ros_executor.add_node(node)
-        return node
-
-    yield add
-    ros_executor.stop()  # before destroying nodes it spins (rclpy#1355)
-    for node in reversed(nodes):
-        node.destroy_node()
-
-
-@pytest.fixture
-def probe(make_node: Callable[..., Any]) -> Any:
-    """Return a plain node for test publishers and subscribers."""
-    return make_node('test_probe')
 
 
 @pytest.fixture(scope='session')

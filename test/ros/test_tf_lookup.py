@@ -8,7 +8,7 @@ The real Buffer is exercised where tf2_ros is installed.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
@@ -49,28 +49,6 @@ _NS = 1_000_000_000
 #: The sensor mount: T_robot_camera (mm), a rotation and an offset.
 MOUNT = make_transform(Rotation.from_euler('xyz', [30.0, -20.0, 110.0], degrees=True)
                        .as_matrix(), np.array([150.0, -40.0, 620.0]))
-
-
-@pytest.fixture
-def spin(ros_context: Any, ros_executor: Any) -> Iterator[Callable[[Any], Any]]:
-    """Yield ``spin(node)``: add a node to the executor; destroy it after the test."""
-    nodes = []
-
-    def add(node: Any) -> Any:
-        nodes.append(node)
-        ros_executor.add_node(node)
-        return node
-
-    yield add
-    ros_executor.stop()  # before destroying nodes it spins (rclpy#1355)
-    for node in reversed(nodes):
-        node.destroy_node()
-
-
-@pytest.fixture
-def probe(make_node: Callable[..., Any]) -> Any:
-    """Return a plain node for test publishers and subscribers."""
-    return make_node('tf_test_probe')
 
 
 class StandInBuffer:
