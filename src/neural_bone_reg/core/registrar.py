@@ -665,8 +665,7 @@ class BoneRegistrar:
     def _is_distinct(self, rot_a: np.ndarray, tr_a: np.ndarray, rot_b: np.ndarray,
                      tr_b: np.ndarray, centroid: np.ndarray) -> bool:
         cfg = self.config
-        angle = float(geodesic_deg(rot_a, rot_b))
-        shift = float(np.linalg.norm((rot_a @ centroid + tr_a) - (rot_b @ centroid + tr_b)))
+        angle, shift = _pose_distance(rot_a, tr_a, rot_b, tr_b, centroid)
         return angle > cfg.distinct_rotation_deg or shift > cfg.distinct_translation_mm
 
     def _distinct(self, order: np.ndarray, rot: np.ndarray, tr: np.ndarray, centroid: np.ndarray,
@@ -737,11 +736,17 @@ def _bound(precision: Precision | None, name: str) -> float:
     return float(getattr(precision, name)) if precision is not None else float('inf')
 
 
+def _pose_distance(rot_a: np.ndarray, tr_a: np.ndarray, rot_b: np.ndarray, tr_b: np.ndarray,
+                   centroid: np.ndarray) -> tuple[float, float]:
+    """Return how far two poses are apart: (rotation deg, distance mm at ``centroid``)."""
+    angle = float(geodesic_deg(rot_a, rot_b))
+    shift = float(np.linalg.norm((rot_a @ centroid + tr_a) - (rot_b @ centroid + tr_b)))
+    return angle, shift
+
+
 def _pose_gap(a: _Candidate, b: _Candidate, centroid: np.ndarray) -> str:
     """Describe how far apart two candidate poses are (rotation, and at the centroid)."""
-    angle = float(geodesic_deg(a.rotation, b.rotation))
-    shift = float(np.linalg.norm((a.rotation - b.rotation) @ centroid + a.translation
-                                 - b.translation))
+    angle, shift = _pose_distance(a.rotation, a.translation, b.rotation, b.translation, centroid)
     return f'{angle:.0f} deg / {shift:.0f} mm away'
 
 
