@@ -1,6 +1,8 @@
 """Torch thread settings: validated, applied, and half the CPUs by default."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,3 +32,22 @@ def test_configure_threads_applies_the_intra_op_count():
         assert inter == torch.get_num_interop_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv('NEURAL_BONE_REG_CACHE', str(tmp_path))
+    assert runtime.default_cache_dir() == tmp_path
+    monkeypatch.delenv('NEURAL_BONE_REG_CACHE')
+    assert runtime.default_cache_dir().parts[-2:] == ('.cache', 'neural_bone_reg')
+
+
+def test_the_registrar_does_not_pull_in_the_simulator():
+    # The solver must not depend on the test-data simulator (it once imported it for a path).
+    code = ('import sys\n'
+            'from neural_bone_reg.core.registrar import BoneRegistrar\n'
+            'try:\n'
+            '    BoneRegistrar.from_mesh("/nonexistent/bone.stl", device="cpu")\n'
+            'except Exception:\n'
+            '    pass\n'
+            'sys.exit(int("neural_bone_reg.core.sim" in sys.modules))')
+    assert subprocess.run([sys.executable, '-c', code]).returncode == 0

@@ -22,6 +22,7 @@ from neural_bone_reg.core.io import check_points
 from neural_bone_reg.core.neural_reg import HypothesisSet, optimise, robust_cost, StageResult
 from neural_bone_reg.core.refine import (constraint_from_linearisation, Linearisation,
                                          linearise, refine_icp, SurfaceModel)
+from neural_bone_reg.core.runtime import default_cache_dir
 from neural_bone_reg.core.se3 import fps_rotations, geodesic_deg, make_transform
 from neural_bone_reg.core.udf import load_checkpoint, train_or_load, UdfModel
 
@@ -186,8 +187,6 @@ class BoneRegistrar:
                   preset: str = 'default', progress: Any = None,
                   **overrides: Any) -> 'BoneRegistrar':
         """Load the bone's UDF from the cache, or train it; ``overrides`` set registration."""
-        from neural_bone_reg.core.sim import default_cache_dir
-
         configs = configs or Configs(registration=registration_preset(preset))
         if overrides:
             configs = Configs(configs.udf, configs.train,

@@ -1,4 +1,6 @@
-"""Torch thread settings of the process: chosen once, deliberately, by each front end.
+"""The process's runtime environment: torch thread settings and the package cache folder.
+
+Torch threads are chosen once, deliberately, by each front end.
 
 A perception node shares its CPU with a whole robot stack. torch's default (one intra-op
 thread per core, busy-waiting OpenMP workers) collapses when another job holds a core, so the
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 LOG = logging.getLogger(__name__)
 
@@ -62,3 +65,9 @@ def configure_threads(intra_op: int = AUTO, inter_op: int = AUTO) -> tuple[int, 
         except RuntimeError as exc:  # torch allows this once, before parallel work started
             LOG.info('keeping %d inter-op threads: %s', torch.get_num_interop_threads(), exc)
     return torch.get_num_threads(), torch.get_num_interop_threads()
+
+
+def default_cache_dir() -> Path:
+    """Return the package cache folder (``$NEURAL_BONE_REG_CACHE`` or ~/.cache/neural_bone_reg)."""
+    env = os.environ.get('NEURAL_BONE_REG_CACHE')
+    return Path(env) if env else Path.home() / '.cache' / 'neural_bone_reg'

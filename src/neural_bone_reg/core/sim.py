@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
+from neural_bone_reg.core.runtime import default_cache_dir
 from neural_bone_reg.core.se3 import make_transform, random_rotations
 
 PHANTOM_FILENAME = 'phantom_proximal_femur_v1.stl'
@@ -47,12 +48,6 @@ def make_phantom_mesh() -> trimesh.Trimesh:
                            process=True)
     trimesh.repair.fix_normals(mesh)
     return mesh
-
-
-def default_cache_dir() -> Path:
-    """Return the package cache folder (``$NEURAL_BONE_REG_CACHE`` or ~/.cache/neural_bone_reg)."""
-    env = os.environ.get('NEURAL_BONE_REG_CACHE')
-    return Path(env) if env else Path.home() / '.cache' / 'neural_bone_reg'
 
 
 def phantom_mesh_path(cache_dir: str | Path | None = None) -> Path:
