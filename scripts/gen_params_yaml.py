@@ -2,8 +2,9 @@
 """Write config/preop_loader.yaml and config/registration_node.yaml from the core configs.
 
 The node-specific part of each file is kept here; the udf/train/registration sections are
-generated from the dataclasses in neural_bone_reg.core.config (defaults, field docstrings and
-the ranges their __post_init__ checks), so the files never drift from the core. Run it after
+generated from the dataclasses in neural_bone_reg.core.config (defaults, and the doc, range
+and unit each field declares in its metadata), as are the registration node's sweep.* and
+track.* sections, so the files never drift from the core. Run it after
 adding or changing a config field: `.venv/bin/python scripts/gen_params_yaml.py`.
 test/ros/test_nodes.py fails when the files are out of date.
 """
@@ -12,7 +13,7 @@ import dataclasses
 from pathlib import Path
 import textwrap
 
-from neural_bone_reg.ros.params import field_docstrings, parameter_range, SECTIONS
+from neural_bone_reg.ros.params import field_docs, parameter_range, SECTIONS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'config'
 WIDTH = 99
@@ -92,34 +93,9 @@ REGISTRATION_NODE_HEAD = """\
     # Clouds declaring more points than this (width x height) are rejected before conversion.
     # Range [1, 100000000].
     max_cloud_points: 2000000
-    sweep:
-      # Points (after voxel downsampling) needed before a sweep is registered; later solves
-      # always take the newest data. Range [3, 10000000].
-      min_points: 1500
-      # Slices older than this (by header stamp) than the newest slice drop out, s.
-      # Range [0.01, 3600.0].
-      max_age_s: 30.0
-      # Voxel edge for downsampling the accumulated points, mm; 0 keeps every point.
-      # Range [0.0, 50.0].
-      voxel_mm: 1.0
-      # Most points held; the oldest slices drop out beyond it (bounded memory).
-      # Range [100, 10000000].
-      max_points: 60000
-      # Solve once no slice has arrived for this long, s (the probe paused or the sweep ended);
-      # 0 solves on every new slice. Range [0.0, 60.0].
-      settle_s: 0.3
-      # During a sweep that keeps streaming, solve at the latest this long after new data became
-      # due, s. Range [0.0, 3600.0].
-      max_wait_s: 2.0
-    track:
-      # A frame stamped (or arriving) more than this after the last accepted one, or stamped
-      # before it, is registered from scratch, not tracked, s. Must exceed the time of one full
-      # registration, which the first tracked frame waits for. Range [0.001, 600.0].
-      max_gap_s: 5.0
-      # A track is re-anchored by a full registration (output pauses for its duration) once its
-      # last one is this old, so a slow drift along a weakly constrained direction cannot build
-      # up for long, s. Range [0.1, 3600.0].
-      max_age_s: 30.0
+"""
+
+REGISTRATION_NODE_TAIL = """\
     cloud_qos:
       # QoS reliability of the cloud subscription, 'reliable' or 'best_effort'. Reliable
       # matches reliable publishers only (a best-effort one is reported on /diagnostics as
@@ -159,28 +135,39 @@ def _yaml_value(value: object) -> str:
 def section_yaml(name: str, indent: str = '    ') -> str:
     """Return one commented config section of a params file."""
     cls = SECTIONS[name]
-    docs = field_docstrings(cls)
+    docs = field_docs(cls)
     defaults = cls()
     lines = [f'{indent}{name}:']
     for field in dataclasses.fields(cls):
         value = getattr(defaults, field.name)
         comment = docs.get(field.name, field.name)
         bounds = parameter_range(name, field.name, value)
+        unit = field.metadata.get('unit', '')
         if bounds is not None:
-            comment += f' Range [{bounds[0]:g}, {bounds[1]:g}].'
+            comment += f' Range [{bounds[0]:g}, {bounds[1]:g}]' + (f' {unit}.' if unit else '.')
+        elif unit:
+            comment += f' Unit: {unit}.'
         for line in textwrap.wrap(comment, WIDTH - len(indent) - 4):
             lines.append(f'{indent}  # {line}')
         lines.append(f'{indent}  {field.name}: {_yaml_value(value)}')
     return '\n'.join(lines) + '\n'
 
 
-def main() -> None:
-    """Write both params files."""
-    (CONFIG_DIR / 'preop_loader.yaml').write_text(
-        PREOP_LOADER_HEAD + section_yaml('udf') + section_yaml('train'))
-    (CONFIG_DIR / 'registration_node.yaml').write_text(
-        REGISTRATION_NODE_HEAD + section_yaml('registration') + section_yaml('udf')
-        + section_yaml('train'))
+def params_files() -> dict[str, str]:
+    """Return ``{file name: text}`` of both params files."""
+    return {
+        'preop_loader.yaml': PREOP_LOADER_HEAD + section_yaml('udf') + section_yaml('train'),
+        'registration_node.yaml': (
+            REGISTRATION_NODE_HEAD + section_yaml('sweep') + section_yaml('track')
+            + REGISTRATION_NODE_TAIL + section_yaml('registration') + section_yaml('udf')
+            + section_yaml('train')),
+    }
+
+
+def main(folder: Path = CONFIG_DIR) -> None:
+    """Write both params files into ``folder``."""
+    for name, text in params_files().items():
+        (folder / name).write_text(text)
 
 
 if __name__ == '__main__':

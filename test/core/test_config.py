@@ -1,9 +1,13 @@
 """Config validation, presets and YAML loading."""
 
+import dataclasses
+
 import pytest
 
-from neural_bone_reg.core.config import (configs_from_dict, load_yaml_configs, registration_preset,
-                                         RegistrationConfig, TrainConfig, UdfConfig)
+from neural_bone_reg.core.config import (configs_from_dict, field_range, interval_text,
+                                         load_yaml_configs, registration_preset,
+                                         RegistrationConfig, section_from_dict, spec,
+                                         SweepConfig, TrackingConfig, TrainConfig, UdfConfig)
 
 
 @pytest.mark.parametrize('cls, field, value', [
@@ -66,3 +70,65 @@ def test_yaml_plain_and_ros_params(tmp_path):
     bad.write_text('registration: [1, 2\n')
     with pytest.raises(ValueError, match='cannot read config YAML'):
         load_yaml_configs(bad)
+
+
+CONFIG_CLASSES = (UdfConfig, TrainConfig, RegistrationConfig, SweepConfig, TrackingConfig)
+
+
+def _ranged_fields():
+    for cls in CONFIG_CLASSES:
+        for f in dataclasses.fields(cls):
+            if f.metadata.get('range'):
+                yield cls, f
+
+
+@pytest.mark.parametrize('cls', CONFIG_CLASSES)
+def test_every_field_is_documented_in_its_metadata(cls):
+    for f in dataclasses.fields(cls):
+        assert f.metadata.get('doc'), f'{cls.__name__}.{f.name} has no doc'
+        unit = f.metadata.get('unit', '')
+        assert unit in ('', 'mm', 'deg', 's'), f'{cls.__name__}.{f.name}: unit {unit!r}'
+        for suffix, expected in (('_mm', 'mm'), ('_deg', 'deg'), ('_s', 's')):
+            if f.name.endswith(suffix):
+                assert unit == expected, f'{cls.__name__}.{f.name} is in {expected}'
+
+
+@pytest.mark.parametrize('cls,f', list(_ranged_fields()),
+                         ids=lambda v: getattr(v, 'name', getattr(v, '__name__', '')))
+def test_post_init_enforces_the_declared_range(cls, f):
+    """Each end of a declared range is accepted when closed and refused when open."""
+    low, high = field_range(f)
+    ends = f.metadata['open']
+    default = getattr(cls(), f.name)
+    step = 1 if isinstance(default, int) else max(abs(default), 1.0) * 1e-6
+    # Other fields bound by this one (fine_top_k <= num_hypotheses) are moved along.
+    for bound, outside, is_open in ((low, -step, ends in ('low', 'both')),
+                                    (high, step, ends in ('high', 'both'))):
+        if bound is None:
+            continue
+        with pytest.raises(ValueError, match=rf'{cls.SECTION}\.{f.name} must be in'):
+            cls(**{f.name: type(default)(bound + outside)})
+        if is_open:
+            with pytest.raises(ValueError, match=rf'{cls.SECTION}\.{f.name} must be in'):
+                cls(**{f.name: type(default)(bound)})
+
+
+def test_interval_text_names_open_ends_and_units():
+    by_name = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert interval_text(by_name['learning_rate']) == '(0, 1]'
+    assert interval_text(by_name['grid_voxel_mm']) == '[0.25, 10] mm'
+    assert interval_text(by_name['uniform_fraction']) == '[0, 1)'
+    with pytest.raises(ValueError, match='exclusive'):
+        spec(1.0, doc='x', low=0.0, exclusive='left')
+
+
+def test_sweep_and_tracking_configs():
+    assert SweepConfig().min_points == 1500 and TrackingConfig().max_gap_s == 5.0
+    with pytest.raises(ValueError, match=r'sweep\.voxel_mm must be in \[0, 50\] mm'):
+        SweepConfig(voxel_mm=-1.0)
+    with pytest.raises(ValueError, match=r'track\.max_gap_s'):
+        TrackingConfig(max_gap_s=0.0)
+    sweep = section_from_dict(SweepConfig, {'settle_s': 0, 'max_points': 200})
+    assert sweep.settle_s == 0.0 and isinstance(sweep.settle_s, float)
+    with pytest.raises(ValueError, match='unknown sweep parameter'):
+        section_from_dict(SweepConfig, {'settle': 0.1})

@@ -9,6 +9,7 @@ end use the real phantom model (trained once per session, see ros_test_support).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 import threading
@@ -35,7 +36,8 @@ import yaml
 from neural_bone_reg import RegistrationResult
 from neural_bone_reg.core import sim
 from neural_bone_reg.core.confidence import covariance_in_parent
-from neural_bone_reg.core.config import RegistrationConfig, TrainConfig, UdfConfig
+from neural_bone_reg.core.config import (RegistrationConfig, SweepConfig, TrackingConfig,
+                                         TrainConfig, UdfConfig)
 from neural_bone_reg.core.se3 import apply_transform, invert_transform, make_transform
 from neural_bone_reg.ros import input_checks
 from neural_bone_reg.ros import registration_node as registration_node_module
@@ -234,6 +236,34 @@ def test_params_files_cover_every_parameter_with_the_core_defaults(
         stripped = line.strip()
         if stripped and not stripped.startswith('#') and not stripped.endswith(':'):
             assert lines[i - 1].strip().startswith('#'), f'{filename}:{i + 1} has no comment'
+
+
+def test_params_files_are_what_the_generator_writes(tmp_path: Path) -> None:
+    """config/*.yaml are generated from the dataclasses' metadata: rerun the script if not."""
+    script = CONFIG_DIR.parent / 'scripts' / 'gen_params_yaml.py'
+    spec = importlib.util.spec_from_file_location('gen_params_yaml', script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(tmp_path)
+    for name in ('registration_node.yaml', 'preop_loader.yaml'):
+        assert (tmp_path / name).read_text() == (CONFIG_DIR / name).read_text(), (
+            f'config/{name} is out of date: run scripts/gen_params_yaml.py')
+
+
+def test_sweep_and_track_parameters_are_described_from_the_metadata(ros_context: Any) -> None:
+    node = registration_node(ros_context)
+    try:
+        for section, cls in (('sweep', SweepConfig), ('track', TrackingConfig)):
+            for field in dataclasses.fields(cls):
+                desc = node.describe_parameter(f'{section}.{field.name}')
+                assert desc.description.startswith(field.metadata['doc']), field.name
+                low, high = field.metadata['range']
+                ranges = desc.integer_range or desc.floating_point_range
+                assert (ranges[0].from_value, ranges[0].to_value) == (low, high), field.name
+                assert node.get_parameter(f'{section}.{field.name}').value == \
+                    getattr(cls(), field.name)
+    finally:
+        node.destroy_node()
 
 
 # ---------------------------------------------------------------------------- worker

@@ -1,76 +1,45 @@
 """Declare ROS parameters that mirror the core config dataclasses, and read them back.
 
-Each field of ``UdfConfig``, ``TrainConfig`` and ``RegistrationConfig`` becomes a dotted
-parameter (``registration.num_hypotheses``) with the dataclass default, the field's
-docstring as its description and the range that ``__post_init__`` enforces (read from its
-source) as a descriptor range, so rclpy rejects an out-of-range value before the core sees
-it. Cross-field checks (``fine_top_k <= num_hypotheses``) stay in :func:`configs_from_dict`.
+Each field of ``UdfConfig``, ``TrainConfig``, ``RegistrationConfig``, ``SweepConfig`` and
+``TrackingConfig`` becomes a dotted parameter (``registration.num_hypotheses``) with the
+dataclass default, and a descriptor made from the field's metadata (``core.config.spec``):
+its ``doc`` as the description and its ``range`` as the descriptor range, so rclpy rejects an
+out-of-range value before the core sees it. Cross-field checks (``fine_top_k <=
+num_hypotheses``) stay in the dataclasses' ``__post_init__``.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 from typing import Any, Iterable, Mapping
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.node import Node
 
 from neural_bone_reg.core import config as core_config
-from neural_bone_reg.core.config import Configs, configs_from_dict
+from neural_bone_reg.core.config import Configs, configs_from_dict, section_from_dict
 
 SECTIONS: dict[str, type] = {
     'udf': core_config.UdfConfig,
     'train': core_config.TrainConfig,
     'registration': core_config.RegistrationConfig,
+    'sweep': core_config.SweepConfig,
+    'track': core_config.TrackingConfig,
 }
 
-#: Bounds used where ``__post_init__`` states none (seeds, or a bound given by another field).
+#: Bounds used where a field declares none (seeds, or a bound given by another field).
 INT_FALLBACK = (0, 2**31 - 1)
 FLOAT_FALLBACK = (-1e300, 1e300)
 
 
-def _constant(node: ast.AST) -> float | None:
-    """Return the number an AST node spells (``1_000``, ``1e6``, ``-2``), else None."""
-    try:
-        value = ast.literal_eval(node)
-    except (ValueError, SyntaxError, TypeError):
-        return None
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def field_ranges(cls: type) -> dict[str, tuple[float | None, float | None]]:
-    """Return ``{field: (low, high)}`` read from the ``low <= self.f <= high`` checks.
+    """Return ``{field: (low, high)}`` for the fields whose metadata declares a range.
 
-    The bounds come from the comparisons in the dataclass's ``__post_init__``, so the ROS
-    descriptors follow the core's validation without a second table. A bound that is not a
-    literal (``fine_top_k <= num_hypotheses``) is None. Open bounds are reported closed;
-    ``configs_from_dict`` still rejects the end point itself with a clear message.
+    A bound set by another field (``fine_top_k <= num_hypotheses``) is None. Open bounds are
+    reported closed; ``__post_init__`` still rejects the end point itself with a clear message.
     """
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-    ranges: dict[str, list[float | None]] = {}
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Compare):
-            continue
-        operands = [node.left, *node.comparators]
-        if not all(isinstance(op, (ast.Lt, ast.LtE)) for op in node.ops):
-            continue
-        for i, operand in enumerate(operands):
-            if not (isinstance(operand, ast.Attribute) and isinstance(operand.value, ast.Name)
-                    and operand.value.id == 'self'):
-                continue
-            bounds = ranges.setdefault(operand.attr, [None, None])
-            low = _constant(operands[i - 1]) if i > 0 else None
-            high = _constant(operands[i + 1]) if i + 1 < len(operands) else None
-            if low is not None:
-                bounds[0] = low if bounds[0] is None else max(bounds[0], low)
-            if high is not None:
-                bounds[1] = high if bounds[1] is None else min(bounds[1], high)
-    return {name: (low, high) for name, (low, high) in ranges.items()}
+    return {f.name: core_config.field_range(f) for f in dataclasses.fields(cls)
+            if f.metadata.get('range')}
 
 
 def parameter_range(section: str, name: str, default: Any) -> tuple[float, float] | None:
@@ -82,21 +51,9 @@ def parameter_range(section: str, name: str, default: Any) -> tuple[float, float
     return (fallback[0] if low is None else low, fallback[1] if high is None else high)
 
 
-def field_docstrings(cls: type) -> dict[str, str]:
-    """Return the attribute docstrings (the string after each field) of a dataclass."""
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-    docs: dict[str, str] = {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    for stmt, following in zip(body, body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)):
-            docs[stmt.target.id] = ' '.join(following.value.value.split())
-    return docs
+def field_docs(cls: type) -> dict[str, str]:
+    """Return ``{field: description}`` from the fields' metadata."""
+    return {f.name: f.metadata['doc'] for f in dataclasses.fields(cls) if f.metadata.get('doc')}
 
 
 def descriptor(description: str, value: Any, *, value_range: tuple[float, float] | None = None,
@@ -133,12 +90,14 @@ def declare_config_parameters(node: Node, sections: Iterable[str]) -> None:
     """Declare every field of the given config sections as a dotted, described parameter."""
     for section in sections:
         cls = SECTIONS[section]
-        docs = field_docstrings(cls)
+        docs = field_docs(cls)
         defaults = cls()
         for f in dataclasses.fields(cls):
             name = f'{section}.{f.name}'
             default = _ros_default(getattr(defaults, f.name))
             description = docs.get(f.name, f'{cls.__name__}.{f.name}')
+            if f.metadata.get('unit'):
+                description += f" Unit: {f.metadata['unit']}."
             declare(node, name, default, description,
                     value_range=parameter_range(section, f.name, default))
 
@@ -156,6 +115,12 @@ def config_values(node: Node, sections: Iterable[str],
             value = changes[name] if name in changes else node.get_parameter(name).value
             values[section][f.name] = list(value) if isinstance(value, (list, tuple)) else value
     return values
+
+
+def build_section(node: Node, section: str, changes: Mapping[str, Any] | None = None) -> Any:
+    """Build one section's dataclass (``sweep``, ``track``) from the parameters and ``changes``."""
+    values = config_values(node, (section,), changes)[section]
+    return section_from_dict(SECTIONS[section], values, section)
 
 
 def build_configs(node: Node, sections: Iterable[str], preset: str = 'default',

@@ -85,6 +85,7 @@ NODE_NAME = 'registration_node'
 MODES = ('sweep', 'single', 'track')
 DEVICES = ('auto', 'cpu', 'cuda')
 CONFIG_SECTIONS = ('udf', 'train', 'registration')
+STREAM_SECTIONS = ('sweep', 'track')
 #: Per-frame log messages are throttled to one per this many seconds.
 LOG_THROTTLE_S = 2.0
 #: Seconds the worker is given to finish when the node is destroyed.
@@ -311,34 +312,6 @@ class RegistrationNode(Node):
         declare(self, 'max_cloud_points', 2_000_000,
                 'Clouds with more points (width x height) are rejected before conversion.',
                 value_range=(1, MAX_CLOUD_POINTS_LIMIT))
-        declare(self, 'sweep.min_points', 1500,
-                'Sweep mode: points (after voxel downsampling) needed before solving.',
-                value_range=(3, 10_000_000))
-        declare(self, 'sweep.max_age_s', 30.0,
-                'Sweep mode: slices older than this (by header stamp) than the newest drop out.',
-                value_range=(0.01, 3600.0))
-        declare(self, 'sweep.voxel_mm', 1.0,
-                'Sweep mode: voxel edge in mm for downsampling the accumulated points; 0 = off.',
-                value_range=(0.0, 50.0))
-        declare(self, 'sweep.settle_s', 0.3,
-                'Sweep mode: solve once no slice has arrived for this long, s; 0 = solve on '
-                'every new slice.', value_range=(0.0, 60.0))
-        declare(self, 'sweep.max_wait_s', 2.0,
-                'Sweep mode: during a continuing sweep, solve at the latest this long after new '
-                'data became due, s.', value_range=(0.0, 3600.0))
-        declare(self, 'sweep.max_points', 60_000,
-                'Sweep mode: most points held; the oldest slices drop out beyond it.',
-                value_range=(100, 10_000_000))
-        declare(self, 'track.max_gap_s', 5.0,
-                'Track mode: a frame stamped (or arriving) more than this after the last '
-                'accepted one, or stamped before it, is registered from scratch, not tracked, '
-                's. Must exceed the time of one full registration, which the first tracked '
-                'frame waits for.', value_range=(0.001, 600.0))
-        declare(self, 'track.max_age_s', 30.0,
-                'Track mode: a track is re-anchored by a full registration (output pauses '
-                'for its duration) once its last one is this old, so a slow drift along a '
-                'weakly constrained direction cannot build up for long, s.',
-                value_range=(0.1, 3600.0))
         declare(self, 'cloud_qos.reliability', DEFAULT_CLOUD_RELIABILITY,
                 "QoS reliability of the cloud subscription: 'reliable' (matches reliable "
                 'publishers only; delivered every cloud up to 24 MB across processes) or '
@@ -358,7 +331,7 @@ class RegistrationNode(Node):
         declare(self, 'threads.inter_op', 0,
                 'Torch inter-op threads; 0 = auto (1: the solver runs one graph at a time). '
                 'Read-only.', value_range=(0, MAX_THREADS), read_only=True)
-        ros_params.declare_config_parameters(self, CONFIG_SECTIONS)
+        ros_params.declare_config_parameters(self, STREAM_SECTIONS + CONFIG_SECTIONS)
 
     @staticmethod
     def _check_frames(robot_frame: str, bone_frame: str) -> None:
