@@ -51,3 +51,16 @@ def test_the_registrar_does_not_pull_in_the_simulator():
             '    pass\n'
             'sys.exit(int("neural_bone_reg.core.sim" in sys.modules))')
     assert subprocess.run([sys.executable, '-c', code]).returncode == 0
+
+
+def test_freed_memory_stays_with_the_process_on_glibc(monkeypatch):
+    import platform
+
+    if platform.libc_ver()[0] != 'glibc':
+        pytest.skip(f'mallopt thresholds are glibc settings; this C library is '
+                    f'{platform.libc_ver()[0] or "unknown"}')
+    assert runtime.keep_freed_memory()
+    calls = []
+    monkeypatch.setattr(runtime, 'keep_freed_memory', lambda: calls.append(1) or True)
+    runtime.configure_threads(1, 0)
+    assert calls == [1]  # every front end that sets threads also sets the allocator
