@@ -500,3 +500,21 @@ def test_bone_pose_covariance_is_the_spread_of_the_perturbed_poses():
 def test_bone_pose_refuses_an_unmeasured_or_malformed_covariance(covariance, needle):
     with pytest.raises(ValueError, match=needle):
         conversions.bone_pose_with_covariance(np.eye(4), covariance, 'robot', 0)
+
+
+def test_organized_xyzrgb_cloud_is_read_back_by_cloud_to_xyz() -> None:
+    """The RGB-D layout lives with the other conversions (it moved from ros/bag.py)."""
+    rng = np.random.default_rng(4)
+    points = rng.uniform(-200.0, 200.0, (3, 4, 3)).astype(np.float32)  # mm
+    points[1, 2] = np.nan  # a ray that missed
+    rgb = rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    msg = conversions.organized_xyzrgb_cloud(points, rgb, 'camera_optical', STAMP_NS)
+    assert (msg.height, msg.width, msg.point_step, msg.is_dense) == (3, 4, 16, False)
+    assert [f.name for f in msg.fields] == ['x', 'y', 'z', conversions.RGB_FIELD]
+    assert msg.header.frame_id == 'camera_optical'
+    valid = np.isfinite(points).all(axis=-1)
+    np.testing.assert_allclose(cloud_to_xyz(msg), points[valid], atol=1e-3)
+    data = np.frombuffer(bytes(msg.data), np.float32).reshape(3, 4, 4)
+    np.testing.assert_array_equal(data[..., 3].view(np.uint32) >> 16, rgb[..., 0])
+    with pytest.raises(ValueError, match='expected'):
+        conversions.organized_xyzrgb_cloud(points[0], rgb[0], 'camera_optical', STAMP_NS)

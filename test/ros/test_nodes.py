@@ -41,6 +41,7 @@ from neural_bone_reg.core.config import (RegistrationConfig, SweepConfig, Tracki
 from neural_bone_reg.core.se3 import apply_transform, invert_transform, make_transform
 from neural_bone_reg.ros import input_checks
 from neural_bone_reg.ros import registration_node as registration_node_module
+from neural_bone_reg.ros import registration_worker
 from neural_bone_reg.ros.conversions import (cloud_to_xyz, pose_with_covariance_to_arrays,
                                              transform_stamped_to_matrix, xyz_to_cloud)
 from neural_bone_reg.ros.diagnostics import (cap_text, MAX_MESSAGE_CHARS, MAX_VALUE_CHARS,
@@ -49,7 +50,6 @@ from neural_bone_reg.ros.model_info import decode_model_info
 from neural_bone_reg.ros.preop_loader import PreopLoader
 from neural_bone_reg.ros.qos import CLOUD_PUBLISHER_QOS, DIAGNOSTICS_QOS, LATCHED_QOS
 from neural_bone_reg.ros.registration_node import RegistrationNode
-from neural_bone_reg.ros.sweep_buffer import SweepBuffer, voxel_downsample
 from neural_bone_reg.ros.tf_compat import DYNAMIC_LISTENER_QOS, TfWaiter
 from ros_test_support import (Collector, CONFIG_DIR, find_status, matched_publisher,
                               MESSAGE_TIMEOUT_S,
@@ -65,7 +65,11 @@ FAKE_T = np.array([[0.0, -1.0, 0.0, 12.0],
 
 
 class ScriptedRegistrar:
-    """Stand-in for BoneRegistrar: records calls, can block, returns a fixed result."""
+    """Stand-in for BoneRegistrar (a ``core.stream.Registrar``): records calls, can block,
+    returns a fixed result; it does not track (``ScriptedTracker`` does)."""
+
+    checkpoint_path = None
+    geometry_sha256 = ''
 
     def __init__(self, accepted: bool = True, reasons: tuple[str, ...] = (),
                  block: bool = False, surface_points: np.ndarray | None = None,
@@ -94,6 +98,18 @@ class ScriptedRegistrar:
                                   time_s=0.01, timings={'coarse_s': 0.005},
                                   **self.uncertainty)
 
+    def track(self, points: np.ndarray, prior: np.ndarray) -> RegistrationResult:
+        return RegistrationResult(transform=FAKE_T.copy(), accepted=False, residual_mm=9.0,
+                                  inlier_fraction=0.0, ambiguity=float('nan'),
+                                  rejection_reasons=('scripted: does not track',),
+                                  n_points=len(points), time_s=0.0, method='track')
+
+    def with_config(self, config: RegistrationConfig) -> ScriptedRegistrar:
+        return self
+
+    def warm_up(self) -> float:
+        return 0.0
+
 
 @pytest.fixture(scope='session')
 def phantom_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -103,10 +119,26 @@ def phantom_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def registration_node(ros_context: Any, **params: Any) -> RegistrationNode:
-    """Create a registration node with parameter overrides (dotted names allowed)."""
+def registration_node(ros_context: Any, clock: Any = None, **params: Any) -> RegistrationNode:
+    """Create a registration node with parameter overrides (dotted names allowed).
+
+    ``clock`` (seconds) replaces the stream's monotonic clock: the test moves it by hand.
+    """
     overrides = [Parameter(name, value=value) for name, value in params.items()]
-    return RegistrationNode(context=ros_context, parameter_overrides=overrides)
+    return RegistrationNode(context=ros_context, parameter_overrides=overrides, clock=clock)
+
+
+class ManualClock:
+    """A clock for the node's stream that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
 
 
 def cloud(points_mm: np.ndarray, frame: str = 'robot', stamp_ns: int = 1_000_000_000
@@ -193,7 +225,7 @@ def test_runtime_parameter_changes_are_validated(ros_context: Any) -> None:
                                   Parameter('sweep.min_points', value=50)])
         assert all(r.successful for r in ok)
         assert node._configs.registration.fine_top_k == 16
-        assert node._sweep_min_points == 50
+        assert node.stream.sweep_config.min_points == 50
     finally:
         node.destroy_node()
 
@@ -283,12 +315,9 @@ def test_worker_keeps_only_the_latest_cloud_and_never_blocks_the_executor(
     for name in 'BCD':
         pub.publish(cloud(clouds[name], stamp_ns=stamps[name]))
     # The callback runs while the worker is stuck in register(): the executor is free.
-    deadline = threading.Event()
-    for _ in range(100):
-        if node.n_received >= 4:
-            break
-        deadline.wait(0.05)
-    assert node.n_received == 4, f'callbacks blocked: only {node.n_received} clouds received'
+    received = node.stream.wait_for(lambda counts: counts.received >= 4, MESSAGE_TIMEOUT_S)
+    assert node.stream.counts().dropped == 2  # B and C replaced before the worker took them
+    assert received, f'callbacks blocked: only {node.stream.counts().received} clouds received'
     assert len(scripted.calls) == 1
     scripted.release.set()
     assert node.wait_idle(SOLVE_TIMEOUT_S)
@@ -373,7 +402,7 @@ def test_an_accepted_result_publishes_bone_pose_with_its_covariance(
     assert (values['bound_mm'], values['bound_deg'], values['uniqueness_z'],
             values['uniqueness_margin_mm']) == ('1.37', '0.55', '8.25', '0.61')
     assert values['bone_pose'] == 'published' and values['guidance'] == ''
-    assert node.n_poses == 1
+    assert node.output.n_poses == 1
 
 
 def test_an_accepted_result_without_a_covariance_goes_on_tf_but_not_on_bone_pose(
@@ -389,7 +418,7 @@ def test_an_accepted_result_without_a_covariance_goes_on_tf_but_not_on_bone_pose
                            is not None, MESSAGE_TIMEOUT_S)
     values = status_values(find_status(array, ': registration', level=DiagnosticStatus.OK))
     assert 'covariance not measured' in values['bone_pose']
-    assert node.n_poses == 0 and node.n_broadcasts == 1
+    assert node.output.n_poses == 0 and node.n_broadcasts == 1
 
 
 def test_a_refused_result_publishes_no_bone_pose_and_says_where_data_would_help(
@@ -414,7 +443,7 @@ def test_a_refused_result_publishes_no_bone_pose_and_says_where_data_would_help(
     assert values['guidance'] == guidance and guidance in status.message
     assert values['bound_mm'] == '3.1' and values['uniqueness_z'] == '8.25'
     assert node.wait_idle(SOLVE_TIMEOUT_S)
-    assert node.n_poses == 0 and poses.messages == [] and node.n_broadcasts == 0
+    assert node.output.n_poses == 0 and poses.messages == [] and node.n_broadcasts == 0
 
 
 def _bad_clouds() -> dict[str, PointCloud2]:
@@ -503,7 +532,7 @@ def test_bad_input_gives_an_error_diagnostic_no_tf_and_the_node_goes_on(
     if case != 'units':  # clouds on the metre wire are not asked whether they are in metres
         assert 'Is it in metres' not in status.message and 'expected mm' not in status.message
     assert scripted.calls == [], 'bad input reached the solver'
-    assert node.n_rejected_inputs == 1
+    assert node.stream.counts().rejected_inputs == 1
     pub.publish(cloud(patch_points(6), frame='good'))
     assert tf.wait_for(lambda m: m.transforms[0].header.frame_id == 'good',
                        SOLVE_TIMEOUT_S) is not None, 'the next good cloud was not registered'
@@ -536,7 +565,7 @@ def test_on_points_never_raises_whatever_the_message_provokes(
         assert array is not None, f'no diagnostic for {frame}'
         status = find_status(array, 'input', frame_id=frame)
         assert status.level == DiagnosticStatus.ERROR and needle in status.message
-    assert node.n_rejected_inputs == 3 and scripted.calls == []
+    assert node.stream.counts().rejected_inputs == 3 and scripted.calls == []
 
 
 def test_cloud_qos_parameters_build_the_subscription(ros_context: Any) -> None:
@@ -643,10 +672,7 @@ def test_sweep_mode_accumulates_slices_until_min_points(
     slices = sim.simulate_sweep(sim.make_phantom_mesh(), rng, n_frames=5, points_per_frame=300)
     for i, piece in enumerate(slices[:3]):
         pub.publish(cloud(piece, stamp_ns=(100 + i) * 10**8))
-    for _ in range(100):
-        if node.n_received >= 3:
-            break
-        threading.Event().wait(0.05)
+    assert node.stream.wait_for(lambda counts: counts.received >= 3, MESSAGE_TIMEOUT_S)
     assert node.wait_idle(MESSAGE_TIMEOUT_S)
     assert scripted.calls == [], 'solved before sweep.min_points were collected'
     pub.publish(cloud(slices[3], stamp_ns=103 * 10**8))
@@ -679,10 +705,7 @@ def test_register_now_and_reset_services(ros_context: Any, spin: Callable[[Any],
     assert not response.success and 'empty' in response.message
     pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
     pub.publish(cloud(patch_points(n=300)))
-    for _ in range(100):
-        if node.n_received >= 1:
-            break
-        threading.Event().wait(0.05)
+    assert node.stream.wait_for(lambda counts: counts.received >= 1, MESSAGE_TIMEOUT_S)
     assert node.wait_idle(MESSAGE_TIMEOUT_S) and scripted.calls == []
     assert call(register_now).success
     assert node.wait_idle(SOLVE_TIMEOUT_S) and len(scripted.calls) == 1
@@ -738,7 +761,7 @@ def test_track_mode_tracks_from_the_last_accepted_pose_and_falls_back(
     assert (len(scripted.calls), len(scripted.priors)) == (3, 2)
     frame(5.03, frame_id='other_robot')  # another frame: no tracking across it either
     assert (len(scripted.calls), len(scripted.priors)) == (4, 2)
-    assert node.n_broadcasts == 5 and node.n_tracked == 1
+    assert node.n_broadcasts == 5 and node.stream.counts().tracked == 1
     array = diags.wait_for(
         lambda a: (find_status(a, 'registration') is not None
                    and status_values(find_status(a, 'registration')).get('method') == 'track'),
@@ -759,7 +782,8 @@ def test_track_mode_tracks_from_the_last_accepted_pose_and_falls_back(
 
 def test_track_ends_on_reset_mode_and_config_changes_and_stale_frames(
         ros_context: Any, spin: Callable[[Any], Any]) -> None:
-    node = spin(registration_node(ros_context, mode='track'))
+    clock = ManualClock()
+    node = spin(registration_node(ros_context, clock=clock, mode='track'))
     scripted = ScriptedTracker()
     node.use_registrar(scripted)
     assert node.wait_idle(MESSAGE_TIMEOUT_S)
@@ -785,12 +809,12 @@ def test_track_ends_on_reset_mode_and_config_changes_and_stale_frames(
     assert frame(-0.01) == (5, 3)  # a stamp going back is not tracked
     assert frame() == (5, 4)
     assert node.set_parameters([Parameter('track.max_age_s', value=0.1)])[0].successful
-    threading.Event().wait(0.2)
+    clock.advance(0.2)
     assert frame() == (6, 4)  # the last full registration is too old: re-anchored
     assert node.set_parameters([Parameter('track.max_age_s', value=30.0),
                                 Parameter('track.max_gap_s', value=1.0)])[0].successful
     assert frame() == (6, 5)
-    threading.Event().wait(1.2)
+    clock.advance(1.2)
     assert frame() == (7, 5)  # stamps 30 ms apart, but it arrived 1.2 s after the last one
     assert frame() == (7, 6)
     node.on_register_now(Trigger.Request(), Trigger.Response())
@@ -815,21 +839,44 @@ def test_a_reset_during_a_solve_voids_its_track(ros_context: Any,
     assert (len(scripted.calls), len(scripted.priors)) == (2, 0)  # registered, not tracked
 
 
-def test_sweep_buffer_bounds_age_and_size() -> None:
-    buffer = SweepBuffer(max_age_s=1.0, voxel_mm=0.0, max_points=1000)
-    pts = np.random.default_rng(0).uniform(0, 100, (400, 3)).astype(np.float32)
-    buffer.add(pts, 'robot', 0)
-    buffer.add(pts + 1, 'robot', 500_000_000)
-    assert buffer.n_points == 800
-    buffer.add(pts + 2, 'robot', 1_200_000_000)  # the first slice is now 1.2 s old
-    assert buffer.n_points == 800 and buffer.snapshot().n_slices == 2
-    buffer.add(pts + 3, 'robot', 1_300_000_000)
-    buffer.add(pts + 4, 'robot', 1_400_000_000)  # over max_points: the oldest slices drop
-    assert buffer.n_points <= 1000
-    assert buffer.add(pts, 'other_frame', 1_500_000_000)  # a frame change starts a new sweep
-    assert buffer.n_points == 400 and buffer.frame_id == 'other_frame'
-    dense = np.zeros((50, 3), np.float32)
-    assert len(voxel_downsample(dense, 1.0)) == 1
+@pytest.mark.parametrize('worker_ends', ['during the join', 'after the join timed out'])
+def test_destroying_the_node_during_a_solve_is_clean(
+        ros_context: Any, monkeypatch: pytest.MonkeyPatch, worker_ends: str) -> None:
+    """No exception in any thread, nothing published once destroy_node began, worker joined."""
+    monkeypatch.setattr(registration_worker, 'WORKER_JOIN_TIMEOUT_S',
+                        SOLVE_TIMEOUT_S if worker_ends == 'during the join' else 0.2)
+    errors: list[Any] = []
+    monkeypatch.setattr(threading, 'excepthook', errors.append)
+    node = registration_node(ros_context, mode='single')
+    scripted = ScriptedRegistrar(block=True)
+    node.use_registrar(scripted)
+    node.on_points(cloud(patch_points()))
+    assert scripted.started.wait(SOLVE_TIMEOUT_S), 'the solve never started'
+    destroying = threading.Event()
+    late: list[Any] = []
+    for pub in list(node.publishers):
+        def publish(msg: Any, _original: Callable[[Any], None] = pub.publish) -> None:
+            if destroying.is_set():
+                late.append(msg)
+            _original(msg)
+        monkeypatch.setattr(pub, 'publish', publish)
+    close = node.output.close
+
+    def close_then_release() -> None:  # the solve ends while destroy_node joins the worker
+        close()
+        if worker_ends == 'during the join':
+            scripted.release.set()
+    monkeypatch.setattr(node.output, 'close', close_then_release)
+    worker = next(t for t in threading.enumerate()
+                  if t.name == registration_worker.WORKER_THREAD_NAME)
+    destroying.set()
+    node.destroy_node()
+    scripted.release.set()  # an abandoned solve ends later on its own
+    worker.join(SOLVE_TIMEOUT_S)
+    assert not worker.is_alive(), 'the worker did not end'
+    assert late == [], f'published after destroy_node: {[type(m).__name__ for m in late]}'
+    assert errors == [], f'exceptions in threads: {[e.exc_value for e in errors]}'
+    assert len(scripted.calls) == 1
 
 
 # ---------------------------------------------------------------------------- model topic
@@ -854,7 +901,7 @@ def test_bad_model_messages_are_reported_and_the_node_keeps_running(
                                           'message', ''), SOLVE_TIMEOUT_S, start=start)
     assert array is not None, 'no ERROR diagnostic naming the corrupt checkpoint'
     assert 'corrupt' in find_status(array, 'model').message
-    assert node._registrar is None
+    assert node.stream.registrar is None
     start = diags.count()  # a bone frame tf cannot take would become the child frame
     model_pub.publish(String(data=json.dumps({
         'checkpoint': str(corrupt), 'sha256': 'ab' * 32, 'units': 'mm',
@@ -931,7 +978,7 @@ def test_registration_node_loads_a_mesh_given_by_parameter(
                            is not None, SOLVE_TIMEOUT_S)
     assert array is not None, 'the mesh given by parameter was not loaded from the cache'
     assert 'mesh_path parameter' in find_status(array, 'model').message
-    assert node._registrar.checkpoint_path == trained_phantom(phantom_cache).checkpoint_path
+    assert node.stream.registrar.checkpoint_path == trained_phantom(phantom_cache).checkpoint_path
 
 
 def test_real_registration_of_a_posed_phantom_patch_and_of_a_foreign_bone(
@@ -989,11 +1036,11 @@ def test_real_tracking_of_a_moving_phantom(ros_context: Any, spin: Callable[[Any
         node.on_points(cloud(apply_transform(t_robot_bone, patch), frame='robot',
                              stamp_ns=int((1.0 + k / 30.0) * 1e9)))
         assert node.wait_idle(SOLVE_TIMEOUT_S)
-        result = node.last_result
+        result = node.output.last_result
         assert node.n_broadcasts == k + 1, result.rejection_reasons
         assert result.method == ('global' if k == 0 else 'track')
         estimate = invert_transform(result.transform)  # T_robot_bone, as broadcast
         assert rotation_error_deg(estimate[:3, :3], t_robot_bone[:3, :3]) < 1.0
         assert np.linalg.norm(estimate[:3, 3] - t_robot_bone[:3, 3]) < 1.0
-    assert node.n_tracked == 5
+    assert node.stream.counts().tracked == 5
     assert waiter.wait(MESSAGE_TIMEOUT_S) is not None, 'nothing on tf'

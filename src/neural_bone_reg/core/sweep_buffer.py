@@ -1,13 +1,10 @@
 """Bounded accumulation of the clouds of one probe sweep (numpy only, no rclpy).
 
 A tracked-ultrasound sweep arrives as many small slices in one fixed (robot) frame. The
-registration node collects them here: slices older than ``max_age_s`` (by their stamps, not
-by wall time, so a replayed bag behaves like a live one) are dropped, each slice is voxel
-downsampled on arrival, and the total is capped at ``max_points`` by dropping the oldest
-slices, so memory stays bounded however long the sweep lasts.
-
-Note: this is small array maths living in ros/ only because core/ is owned elsewhere; it
-has no ROS dependency and can move to core/ unchanged.
+registration stream (``core.stream``) collects them here: slices older than ``max_age_s``
+(by their stamps, not by wall time, so a replayed bag behaves like a live one) are dropped,
+each slice is voxel downsampled on arrival, and the total is capped at ``max_points`` by
+dropping the oldest slices, so memory stays bounded however long the sweep lasts.
 """
 
 from __future__ import annotations
@@ -39,6 +36,27 @@ class SweepSnapshot:
     """Stamp of the newest slice, in nanoseconds."""
     n_slices: int
     """Number of slices merged."""
+
+
+@dataclass(frozen=True)
+class SweepPieces:
+    """The slices of a sweep at one moment, not merged yet (merging is the costly part)."""
+
+    pieces: tuple[np.ndarray, ...]
+    """(M,3) float32 points of each slice, oldest first."""
+    frame_id: str
+    """Frame of every slice."""
+    newest_stamp_ns: int
+    """Stamp of the newest slice, in nanoseconds."""
+    voxel_mm: float
+    """Voxel edge of the merge, mm."""
+
+    def merge(self) -> SweepSnapshot:
+        """Return the merged, downsampled points (call it without holding a lock)."""
+        merged = np.concatenate(self.pieces, axis=0)
+        return SweepSnapshot(points=voxel_downsample(merged, self.voxel_mm),
+                             frame_id=self.frame_id, newest_stamp_ns=self.newest_stamp_ns,
+                             n_slices=len(self.pieces))
 
 
 class SweepBuffer:
@@ -97,11 +115,15 @@ class SweepBuffer:
             self._n_points -= len(self._slices.popleft()[1])
         return restarted
 
-    def snapshot(self) -> SweepSnapshot | None:
-        """Return the merged, downsampled points of the sweep, or None when empty."""
+    def pieces(self) -> SweepPieces | None:
+        """Return the slices held, to merge later (cheap: no copy), or None when empty."""
         if not self._slices:
             return None
-        merged = np.concatenate([pts for _, pts in self._slices], axis=0)
-        return SweepSnapshot(points=voxel_downsample(merged, self.voxel_mm),
-                             frame_id=self._frame_id, newest_stamp_ns=self._slices[-1][0],
-                             n_slices=len(self._slices))
+        return SweepPieces(pieces=tuple(pts for _, pts in self._slices),
+                           frame_id=self._frame_id, newest_stamp_ns=self._slices[-1][0],
+                           voxel_mm=self.voxel_mm)
+
+    def snapshot(self) -> SweepSnapshot | None:
+        """Return the merged, downsampled points of the sweep, or None when empty."""
+        pieces = self.pieces()
+        return None if pieces is None else pieces.merge()

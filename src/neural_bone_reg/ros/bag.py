@@ -9,11 +9,9 @@ unchanged, with the recorded timing and QoS, and optionally ``/clock`` as ``ros2
 
 from __future__ import annotations
 
-import array
 import importlib
 from pathlib import Path
 import shutil
-import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
@@ -28,11 +26,12 @@ from rosbags.interfaces import (Qos, QosDurability, QosHistory, QosLiveliness, Q
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.rosbag2.writer import CompressionFormat, CompressionMode
 from rosbags.typesys import get_typestore, Stores
-from sensor_msgs.msg import CameraInfo, PointCloud2, PointField
+from sensor_msgs.msg import CameraInfo
 from tf2_msgs.msg import TFMessage
 
 from neural_bone_reg.ros.conversions import (DEFAULT_UNIT, matrix_to_transform_stamped,
-                                             to_time_msg, units_per_m, xyz_to_cloud)
+                                             organized_xyzrgb_cloud, to_time_msg, xyz_to_cloud)
+from neural_bone_reg.ros.conversions import pack_rgb  # noqa: F401 - bag.pack_rgb is public
 from neural_bone_reg.ros.tf_compat import TF_STATIC_TOPIC, TF_TOPIC
 
 DEFAULT_ROBOT_FRAME = 'robot_base'
@@ -74,23 +73,8 @@ TF_BAG_QOS = Qos(QosHistory.KEEP_LAST, 100, QosReliability.RELIABLE, QosDurabili
 #: depth 1, best effort.
 CLOCK_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT,
                        durability=DurabilityPolicy.VOLATILE)
-#: The packed ``rgb`` field of PCL and the RealSense driver: a float32 whose bits are the
-#: uint32 0x00RRGGBB. Layout of the clouds written here: x y z rgb, float32, 16 bytes a point.
-RGB_FIELD = 'rgb'
-XYZRGB_POINT_STEP = 16
-
 #: ``on_published(topic, bag_timestamp_ns)`` is called after each message is published.
 OnPublished = Callable[[str, int], None]
-
-
-def pack_rgb(rgb: np.ndarray) -> np.ndarray:
-    """Return (..., 3) uint8 colours as float32 values of the packed 0x00RRGGBB ``rgb`` field."""
-    rgb = np.asarray(rgb)
-    if rgb.shape[-1:] != (3,) or rgb.dtype != np.uint8:
-        raise ValueError(f'rgb must be (..., 3) uint8, got {rgb.shape} {rgb.dtype}')
-    packed = ((rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8)
-              | rgb[..., 2].astype(np.uint32))
-    return packed.view(np.float32)
 
 
 def unpack_rgb(packed: np.ndarray) -> np.ndarray:
@@ -98,39 +82,6 @@ def unpack_rgb(packed: np.ndarray) -> np.ndarray:
     bits = np.ascontiguousarray(packed, dtype=np.float32).view(np.uint32)
     return np.stack([(bits >> 16) & 0xFF, (bits >> 8) & 0xFF, bits & 0xFF],
                     axis=-1).astype(np.uint8)
-
-
-def organized_xyzrgb_cloud(points: np.ndarray, rgb: np.ndarray, frame_id: str, stamp: Any,
-                           *, unit: str = DEFAULT_UNIT) -> PointCloud2:
-    """Return an organized x y z rgb PointCloud2 (metres) as an RGB-D camera driver sends it.
-
-    ``points`` is (height, width, 3) in ``unit`` with NaN where the sensor returned nothing,
-    ``rgb`` (height, width, 3) uint8. Fields x, y, z and the packed ``rgb`` are float32 at
-    offsets 0, 4, 8, 12 (point_step 16, as realsense2_camera and sensor_msgs_py's create_cloud
-    lay them out); ``is_dense`` is False whenever a point is NaN.
-    """
-    points = np.asarray(points)
-    if points.ndim != 3 or points.shape[2] != 3:
-        raise ValueError(f'points has shape {points.shape}; expected (height, width, 3)')
-    if np.shape(rgb) != points.shape:
-        raise ValueError(f'rgb has shape {np.shape(rgb)}; expected {points.shape} like points')
-    height, width = points.shape[:2]
-    per_m = units_per_m(unit)
-    data = np.empty((height, width, 4), dtype=np.float32)
-    data[..., :3] = points / per_m if per_m != 1.0 else points
-    data[..., 3] = pack_rgb(rgb)
-    msg = PointCloud2()
-    msg.header.frame_id = frame_id
-    msg.header.stamp = to_time_msg(stamp)
-    msg.height, msg.width = height, width
-    msg.fields = [PointField(name=name, offset=4 * i, datatype=PointField.FLOAT32, count=1)
-                  for i, name in enumerate(('x', 'y', 'z', RGB_FIELD))]
-    msg.is_bigendian = sys.byteorder == 'big'
-    msg.point_step = XYZRGB_POINT_STEP
-    msg.row_step = XYZRGB_POINT_STEP * width
-    msg.is_dense = bool(np.isfinite(data[..., :3]).all())
-    msg.data = array.array('B', data.tobytes())
-    return msg
 
 
 def camera_info(width: int, height: int, fx: float, fy: float, cx: float, cy: float,

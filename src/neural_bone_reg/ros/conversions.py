@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import array
 import sys
-from typing import Sequence, TYPE_CHECKING, Union
+from typing import Any, Sequence, TYPE_CHECKING, Union
 
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import PoseWithCovarianceStamped, TransformStamped
@@ -495,3 +495,53 @@ def pose_with_covariance_to_arrays(msg: PoseWithCovarianceStamped, *,
     scale = 1.0 / _pose_covariance_scale(per_m)
     cov = np.asarray(msg.pose.covariance, dtype=np.float64).reshape(POSE_DOF, POSE_DOF)
     return matrix, cov * np.outer(scale, scale)
+
+
+#: The packed ``rgb`` field of PCL and the RealSense driver: a float32 whose bits are the
+#: uint32 0x00RRGGBB. Layout of an RGB-D camera's organized clouds: x y z rgb, float32, 16 bytes
+#: a point.
+RGB_FIELD = 'rgb'
+XYZRGB_POINT_STEP = 16
+
+
+def pack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """Return (..., 3) uint8 colours as float32 values of the packed 0x00RRGGBB ``rgb`` field."""
+    rgb = np.asarray(rgb)
+    if rgb.shape[-1:] != (3,) or rgb.dtype != np.uint8:
+        raise ValueError(f'rgb must be (..., 3) uint8, got {rgb.shape} {rgb.dtype}')
+    packed = ((rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8)
+              | rgb[..., 2].astype(np.uint32))
+    return packed.view(np.float32)
+
+
+def organized_xyzrgb_cloud(points: np.ndarray, rgb: np.ndarray, frame_id: str, stamp: Any,
+                           *, unit: str = DEFAULT_UNIT) -> PointCloud2:
+    """Return an organized x y z rgb PointCloud2 (metres) as an RGB-D camera driver sends it.
+
+    ``points`` is (height, width, 3) in ``unit`` with NaN where the sensor returned nothing,
+    ``rgb`` (height, width, 3) uint8. Fields x, y, z and the packed ``rgb`` are float32 at
+    offsets 0, 4, 8, 12 (point_step 16, as realsense2_camera and sensor_msgs_py's create_cloud
+    lay them out); ``is_dense`` is False whenever a point is NaN.
+    """
+    points = np.asarray(points)
+    if points.ndim != 3 or points.shape[2] != 3:
+        raise ValueError(f'points has shape {points.shape}; expected (height, width, 3)')
+    if np.shape(rgb) != points.shape:
+        raise ValueError(f'rgb has shape {np.shape(rgb)}; expected {points.shape} like points')
+    height, width = points.shape[:2]
+    per_m = units_per_m(unit)
+    data = np.empty((height, width, 4), dtype=np.float32)
+    data[..., :3] = points / per_m if per_m != 1.0 else points
+    data[..., 3] = pack_rgb(rgb)
+    msg = PointCloud2()
+    msg.header.frame_id = frame_id
+    msg.header.stamp = to_time_msg(stamp)
+    msg.height, msg.width = height, width
+    msg.fields = [PointField(name=name, offset=4 * i, datatype=PointField.FLOAT32, count=1)
+                  for i, name in enumerate(('x', 'y', 'z', RGB_FIELD))]
+    msg.is_bigendian = sys.byteorder == 'big'
+    msg.point_step = XYZRGB_POINT_STEP
+    msg.row_step = XYZRGB_POINT_STEP * width
+    msg.is_dense = bool(np.isfinite(data[..., :3]).all())
+    msg.data = array.array('B', data.tobytes())
+    return msg

@@ -138,10 +138,14 @@ def build_configs(node: Node, sections: Iterable[str], preset: str = 'default',
     return configs_from_dict(values, preset=preset)
 
 
-def format_configs(configs: Configs, sections: Iterable[str]) -> str:
-    """Return the values in use, one ``section: field=value ...`` line per section."""
+def format_configs(configs: Configs | Mapping[str, Any], sections: Iterable[str]) -> str:
+    """Return the values in use, one ``section: field=value ...`` line per section.
+
+    ``configs`` is a ``Configs`` or a mapping ``{section: config dataclass}``.
+    """
     lines = []
     for section in sections:
-        items = core_config.as_dict(getattr(configs, section)).items()
+        config = configs[section] if isinstance(configs, Mapping) else getattr(configs, section)
+        items = core_config.as_dict(config).items()
         lines.append(f'{section}: ' + ' '.join(f'{key}={value}' for key, value in items))
     return '\n'.join(lines)
