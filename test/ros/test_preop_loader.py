@@ -113,3 +113,38 @@ def test_cleanup_after_the_model_is_ready_forgets_it(loader, tmp_path, monkeypat
     assert loader.ready.wait(WAIT_S), loader.failure
     assert loader.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
     assert loader.model_info is None and not loader.ready.is_set()
+
+
+def test_a_worker_abandoned_by_destroy_node_publishes_nothing_and_fails_quietly(
+        ros_context, tmp_path, monkeypatch):
+    """destroy_node's join times out while the model loads; when the load ends, the stale
+    worker publishes no model, no surface and no status, and raises nothing."""
+    monkeypatch.setattr(preop_loader, 'WORKER_JOIN_TIMEOUT_S', JOIN_TIMEOUT_S)
+    errors: list[Any] = []
+    monkeypatch.setattr(threading, 'excepthook', errors.append)
+    fake = _SlowThenFast(tmp_path)
+    loading = threading.Event()
+
+    def from_mesh(mesh_path: str, **kwargs: Any) -> _FakeRegistrar:
+        loading.set()
+        return fake(mesh_path, **kwargs)
+    monkeypatch.setattr(BoneRegistrar, 'from_mesh', staticmethod(from_mesh))
+    node = preop_loader.PreopLoader(context=ros_context, parameter_overrides=[
+        Parameter('mesh_path', value=str(tmp_path / 'femur.stl')),
+        Parameter('cache_dir', value=str(tmp_path)), Parameter('autostart', value=False)])
+    published: list[Any] = []
+    for pub in ('_diag_pub',):
+        monkeypatch.setattr(getattr(node, pub), 'publish', published.append)
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    for pub in ('_model_pub', '_surface_pub'):
+        monkeypatch.setattr(getattr(node, pub), 'publish', published.append)
+    assert loading.wait(WAIT_S), 'the worker never started loading'
+    node.destroy_node()  # the join times out: the worker is abandoned
+    assert fake.threads[0].is_alive()
+    published.clear()
+    fake.release.set()
+    fake.threads[0].join(WAIT_S)
+    assert not fake.threads[0].is_alive()
+    assert published == [] and not node.ready.is_set() and node.model_info is None
+    assert errors == []

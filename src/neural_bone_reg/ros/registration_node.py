@@ -9,8 +9,7 @@ its covariance on ``bone_pose`` (geometry_msgs/PoseWithCovarianceStamped, metres
 latched) when the result measured one, and the cloud mapped into the bone frame on
 ``registered_points``. Every outcome, accepted or not, and every rejected input is reported on
 /diagnostics with the reason, the result's 95 % bounds and uniqueness, and for a refused
-result where more data would help (``guidance``). No input can stop the
-node: anything a message provokes while it is read is a rejected input (``input_checks``).
+result where more data would help (``guidance``). No input can stop the node.
 
 Modes ('sweep', 'single', 'track'), the sweep and the tracking rules (``sweep.*``,
 ``track.*``) are the core ``RegistrationStream``'s: see ``core.stream``. A cloud in another
