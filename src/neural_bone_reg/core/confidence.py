@@ -54,7 +54,7 @@ def check_geometry(points: np.ndarray, name: str = 'cloud') -> None:
     passes: whether its pose is determined is the covariance's question, not the geometry's.
     """
     pts = np.asarray(points, dtype=np.float64)
-    distinct = len(np.unique(np.floor(pts / DISTINCT_VOXEL_MM).astype(np.int64), axis=0))
+    distinct = len(np.unique(voxel_keys(pts, DISTINCT_VOXEL_MM)))
     if distinct < MIN_DISTINCT_POINTS:
         raise InputError(
             f'{name} has only {distinct} distinct points ({DISTINCT_VOXEL_MM} mm apart) among '
@@ -72,10 +72,24 @@ def check_geometry(points: np.ndarray, name: str = 'cloud') -> None:
             'directions (collinear points cannot pin a rotation about their line)')
 
 
+def voxel_keys(points: np.ndarray, edge_mm: float) -> np.ndarray:
+    """Return one int64 per point (N,) naming its cube of edge ``edge_mm``, in x, y, z order.
+
+    Equal keys are equal cubes, and keys sort as the cubes' integer coordinates do
+    (lexicographically), so ``np.unique`` on them matches ``np.unique(..., axis=0)`` on the
+    coordinates, several times faster.
+    """
+    cells = np.floor(np.asarray(points, dtype=np.float64) / edge_mm).astype(np.int64)
+    if not len(cells):
+        return np.zeros(0, dtype=np.int64)
+    cells -= cells.min(axis=0)
+    span = cells.max(axis=0) + 1
+    return (cells[:, 0] * span[1] + cells[:, 1]) * span[2] + cells[:, 2]
+
+
 def cluster_labels(points: np.ndarray, cluster_mm: float) -> tuple[np.ndarray, int]:
     """Return each point's cluster index (N,) on a grid of edge ``cluster_mm``, and the count."""
-    keys = np.floor(np.asarray(points, dtype=np.float64) / cluster_mm).astype(np.int64)
-    _, labels = np.unique(keys, axis=0, return_inverse=True)
+    _, labels = np.unique(voxel_keys(points, cluster_mm), return_inverse=True)
     labels = labels.reshape(-1)
     return labels, int(labels.max()) + 1 if len(labels) else 0
 
