@@ -150,3 +150,16 @@ def _random_rotation(rng):
 def _random_rotation6(rng):
     q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
     return np.eye(6) * 0.7 + 0.3 * q
+
+
+def test_voxel_keys_group_and_order_like_unique_rows():
+    from neural_bone_reg.core.confidence import cluster_labels, voxel_keys
+
+    rng = np.random.default_rng(4)
+    points = np.vstack([rng.normal(0.0, 40.0, (3000, 3)) - 500.0, rng.normal(0.0, 2.0, (50, 3))])
+    keys = np.floor(points / 7.5).astype(np.int64)
+    _, expected = np.unique(keys, axis=0, return_inverse=True)
+    labels, count = cluster_labels(points, 7.5)
+    np.testing.assert_array_equal(labels, expected.reshape(-1))
+    assert count == len(np.unique(keys, axis=0))
+    assert len(voxel_keys(np.zeros((0, 3)), 1.0)) == 0
