@@ -167,7 +167,7 @@ class RegistrationConfig:
     coarse_points: int = spec(
         64, low=8, high=100_000,
         doc='Cloud points scored per hypothesis in the coarse stage.')
-    coarse_iterations: int = spec(120, low=0, high=100_000, doc='Adam steps of the coarse stage.')
+    coarse_iterations: int = spec(90, low=0, high=100_000, doc='Adam steps of the coarse stage.')
     coarse_prune_every: int = spec(
         15, low=0, high=100_000,
         doc=('Every this many coarse steps the worse half of the hypotheses is dropped (0 = '
