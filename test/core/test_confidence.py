@@ -163,3 +163,17 @@ def test_voxel_keys_group_and_order_like_unique_rows():
     np.testing.assert_array_equal(labels, expected.reshape(-1))
     assert count == len(np.unique(keys, axis=0))
     assert len(voxel_keys(np.zeros((0, 3)), 1.0)) == 0
+
+
+def test_a_linearisation_gives_the_surface_distances_of_its_matches():
+    surface, mesh = _ellipsoid_surface()
+    rng = np.random.default_rng(6)
+    points, normals = _patch(mesh, np.array([30.0, 15.0, 6.0]), 30.0, 500, rng)
+    points = points + normals * rng.normal(scale=2.0, size=(len(points), 1))
+    points[:20] += 40.0 * normals[:20]  # beyond the matching bound: unmatched
+    lin = linearise(surface, points, 3.0)
+    got = lin.distances(surface)
+    expected = surface.distances(points)
+    assert (~lin.valid[:20]).all() and np.isinf(got[:20]).all()
+    np.testing.assert_allclose(got[lin.valid], expected[lin.valid], rtol=1e-9, atol=1e-9)
+    assert (expected[~lin.valid] > 5.0).all()  # never inliers: the fit statistics agree

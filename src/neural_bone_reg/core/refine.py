@@ -37,8 +37,12 @@ class SurfaceModel:
         surface's edge is not mistaken for one on it.
         """
         dist, idx = self.tree.query(points, workers=1)
-        normal_part = np.abs(np.einsum('ij,ij->i', points - self.points[idx], self.normals[idx]))
-        tangential = np.sqrt(np.maximum(dist ** 2 - normal_part ** 2, 0.0))
+        normal_part = np.einsum('ij,ij->i', points - self.points[idx], self.normals[idx])
+        return self.edge_corrected(normal_part, dist)
+
+    def edge_corrected(self, normal_part: np.ndarray, distance: np.ndarray) -> np.ndarray:
+        """Return :meth:`distances` from a match's point-to-plane part and its distance."""
+        tangential = np.sqrt(np.maximum(distance ** 2 - normal_part ** 2, 0.0))
         return np.sqrt(normal_part ** 2 + np.maximum(tangential - self.spacing, 0.0) ** 2)
 
     @property
@@ -80,6 +84,18 @@ class Linearisation:
     """The surface normals they were matched to (M, 3)."""
     valid: np.ndarray
     """Which of the input points were matched (N,) bool."""
+    match_distance: np.ndarray
+    """Distance of each matched point to its surface sample (M,), mm."""
+
+    def distances(self, surface: SurfaceModel) -> np.ndarray:
+        """Return :meth:`SurfaceModel.distances` of all input points (N,); inf if unmatched.
+
+        Unmatched points are farther than the matching bound, so beyond any inlier threshold
+        below it: fit statistics from these equal those from a fresh query.
+        """
+        out = np.full(len(self.valid), np.inf)
+        out[self.valid] = surface.edge_corrected(self.residual, self.match_distance)
+        return out
 
 
 def linearise(surface: SurfaceModel, moved: np.ndarray,
@@ -97,7 +113,7 @@ def linearise(surface: SurfaceModel, moved: np.ndarray,
     centre = q.mean(axis=0)  # linearise about the centroid: well conditioned far from origin
     radius = float(np.linalg.norm(q - centre, axis=1).mean()) or 1.0
     return Linearisation(residual, weight, np.hstack([np.cross(q - centre, n), n]), centre,
-                         radius, q, n, valid)
+                         radius, q, n, valid, dist[valid])
 
 
 def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,
