@@ -45,7 +45,7 @@ ICP_POINTS = 3000
 #: Successive halving in the coarse stage keeps at least this many hypotheses per fine one.
 COARSE_SURVIVORS_PER_FINE = 4
 #: Candidates are refined on this many of the ICP points; the winner then on all of them.
-CANDIDATE_ICP_POINTS = 600
+CANDIDATE_ICP_POINTS = 1000
 #: A cloud narrower than this share of the bone's diagonal is a patch: its hypotheses start on
 #: the bone surface, with the patch's normal along the surface normal (see _surface_poses).
 PATCH_FRACTION = 0.6
