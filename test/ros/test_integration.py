@@ -286,14 +286,18 @@ def test_sigint_during_a_solve_exits_cleanly(setup: dict) -> None:
     checkpoint = setup['registrar'].checkpoint_path
     node = setup['start']('registration_node', 'registration_slow', [], '-p', 'mode:=single',
                           '-p', f'checkpoint:={checkpoint}',
-                          '-p', 'registration.num_hypotheses:=4096',
+                          # A search that takes many seconds on any machine: every one of
+                          # 8192 starts optimised for 400 steps.
+                          '-p', 'registration.num_hypotheses:=8192',
+                          '-p', 'registration.optimised_share:=1.0',
+                          '-p', 'registration.coarse_iterations:=400',
                           '-r', 'points:=/slow/points', '-r', 'model:=/slow/model')
     assert probe.wait_diag('registration_slow: model', START_TIMEOUT_S,
                            level=DiagnosticStatus.OK) is not None, node.log()
     pub = matched_publisher(probe.node, PointCloud2, '/slow/points', CLOUD_PUBLISHER_QOS)
     probe.deliver('registration_slow', pub, xyz_to_cloud(_good_cloud(29)[1], 'slow', 1))
     beat = probe.next_heartbeat('registration_slow')
-    assert beat.get('worker_busy') == 'True', beat  # the default search takes seconds
+    assert beat.get('worker_busy') == 'True', beat
     setup['procs'].remove(node)
     assert node.stop() == 0, node.log()
 
