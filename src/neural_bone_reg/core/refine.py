@@ -86,12 +86,15 @@ class Linearisation:
     """Which of the input points were matched (N,) bool."""
     match_distance: np.ndarray
     """Distance of each matched point to its surface sample (M,), mm."""
+    unmatched_beyond_mm: float
+    """Every unmatched point is at least this far from the surface (by
+    :meth:`SurfaceModel.distances`): the matching bound less the sample spacing."""
 
     def distances(self, surface: SurfaceModel) -> np.ndarray:
         """Return :meth:`SurfaceModel.distances` of all input points (N,); inf if unmatched.
 
-        Unmatched points are farther than the matching bound, so beyond any inlier threshold
-        below it: fit statistics from these equal those from a fresh query.
+        Fit statistics with an inlier threshold up to ``unmatched_beyond_mm`` equal those of a
+        fresh query.
         """
         out = np.full(len(self.valid), np.inf)
         out[self.valid] = surface.edge_corrected(self.residual, self.match_distance)
@@ -101,9 +104,9 @@ class Linearisation:
 def linearise(surface: SurfaceModel, moved: np.ndarray,
               robust_scale_mm: float) -> Linearisation | None:
     """Match ``moved`` points to the surface and linearise; None with too few pairs."""
-    dist, idx = surface.tree.query(
-        moved, workers=1,
-        distance_upper_bound=ICP_REJECT_SCALES * robust_scale_mm + surface.spacing)
+    beyond_mm = ICP_REJECT_SCALES * robust_scale_mm
+    dist, idx = surface.tree.query(moved, workers=1,
+                                   distance_upper_bound=beyond_mm + surface.spacing)
     valid = np.isfinite(dist)
     if valid.sum() < MIN_PAIRS:
         return None
@@ -113,7 +116,7 @@ def linearise(surface: SurfaceModel, moved: np.ndarray,
     centre = q.mean(axis=0)  # linearise about the centroid: well conditioned far from origin
     radius = float(np.linalg.norm(q - centre, axis=1).mean()) or 1.0
     return Linearisation(residual, weight, np.hstack([np.cross(q - centre, n), n]), centre,
-                         radius, q, n, valid, dist[valid])
+                         radius, q, n, valid, dist[valid], beyond_mm)
 
 
 def refine_icp(surface: SurfaceModel, points: np.ndarray, rotation: np.ndarray,

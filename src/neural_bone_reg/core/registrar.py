@@ -20,8 +20,8 @@ from neural_bone_reg.core.errors import InputError
 from neural_bone_reg.core.fields import GridField
 from neural_bone_reg.core.io import check_points
 from neural_bone_reg.core.neural_reg import HypothesisSet, optimise, robust_cost, StageResult
-from neural_bone_reg.core.refine import (constraint_from_linearisation, ICP_REJECT_SCALES,
-                                         Linearisation, linearise, refine_icp, SurfaceModel)
+from neural_bone_reg.core.refine import (constraint_from_linearisation, Linearisation,
+                                         linearise, refine_icp, SurfaceModel)
 from neural_bone_reg.core.runtime import default_cache_dir
 from neural_bone_reg.core.se3 import fps_rotations, geodesic_deg, make_transform
 from neural_bone_reg.core.udf import load_checkpoint, train_or_load, UdfModel
@@ -542,10 +542,8 @@ class BoneRegistrar:
         # no second query), the constraint and the covariance.
         moved = icp_pts @ rot.T + tr
         lin = linearise(self.surface, moved, cfg.robust_scale_mm)
-        # Unmatched points lie beyond ICP_REJECT_SCALES robust scales: outliers, unless the
-        # inlier threshold is set wider than that.
-        reuse = lin is not None and (cfg.inlier_threshold_mm
-                                     <= ICP_REJECT_SCALES * cfg.robust_scale_mm)
+        # Unmatched points are outliers, unless the inlier threshold is set wider than that.
+        reuse = lin is not None and cfg.inlier_threshold_mm <= lin.unmatched_beyond_mm
         residual, inlier_fraction = self._fit_quality(
             lin.distances(self.surface) if reuse else self.surface.distances(moved))
         constraint = constraint_from_linearisation(lin)
