@@ -16,12 +16,12 @@ import time
 import numpy as np
 import pytest
 import rclpy
-from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import PointCloud2
 
 from neural_bone_reg.core import sim
 from neural_bone_reg.core.se3 import apply_transform
 from neural_bone_reg.ros.conversions import transform_stamped_to_matrix, xyz_to_cloud
+from neural_bone_reg.ros.qos import CLOUD_PUBLISHER_QOS
 from neural_bone_reg.ros.tf_compat import TfWaiter
 from ros_test_support import (flat_parameters, rotation_error_deg, shared_cache_dir,
                               small_configs, SOLVE_TIMEOUT_S, trained_phantom,
@@ -89,7 +89,9 @@ def test_launched_nodes_broadcast_the_bone_pose() -> None:
         pose = sim.random_pose(rng)
         cloud = apply_transform(pose, np.vstack(sim.simulate_sweep(sim.make_phantom_mesh(), rng)))
         waiter = TfWaiter(node, ROBOT_FRAME, 'bone')
-        pub = node.create_publisher(PointCloud2, CLOUD_TOPIC, qos_profile_sensor_data)
+        # Reliable, as the node's default cloud subscription (a best-effort publisher is
+        # incompatible with it: the node says so and no cloud arrives).
+        pub = node.create_publisher(PointCloud2, CLOUD_TOPIC, CLOUD_PUBLISHER_QOS)
         deadline = time.monotonic() + TF_TIMEOUT_S
         transform = None
         # Repeat the cloud until the model is loaded and a pose comes back (best-effort input).
