@@ -95,6 +95,64 @@ def test_covariance_matches_monte_carlo_on_a_patch_with_known_noise():
     assert np.mean(inside) >= 0.85
 
 
+def test_systematic_term_matches_monte_carlo_of_a_smooth_surface_offset():
+    # A cap of the ellipsoid whose points all sit on a smooth random offset field b(x) along
+    # the normals (RMS 0.5 mm, gaussian correlation 15 mm), with no point noise: the
+    # linearised least-squares pose error of each draw must spread as the systematic term says.
+    surface, mesh = _ellipsoid_surface()
+    rng = np.random.default_rng(5)
+    points, normals = _patch(mesh, np.array([30.0, 15.0, 6.0]), 30.0, 400, rng)
+    rms, length = 0.5, 15.0
+    labels, count = confidence.cluster_labels(points, 5.0)
+    weight = np.ones(len(points))
+    _, unit = confidence.covariance_terms(points, normals, np.zeros(len(points)), weight,
+                                          labels, count, length)
+    gap2 = np.sum((points[:, None] - points[None]) ** 2, axis=-1)
+    root = np.linalg.cholesky(rms ** 2 * np.exp(-0.5 * gap2 / length ** 2)
+                              + 1e-9 * np.eye(len(points)))
+    jac = np.hstack([normals, np.cross(points, normals)])  # (v, omega) about the origin
+    draws = []
+    for _ in range(3000):
+        offset = root @ rng.normal(size=len(points))
+        # A point pushed out by b along n is pulled back by the pose: J delta = -b.
+        draws.append(-np.linalg.lstsq(jac, offset, rcond=None)[0])
+    empirical = np.cov(np.asarray(draws).T)
+    predicted = rms ** 2 * unit
+    ratio = np.trace(np.linalg.solve(predicted, empirical)) / 6.0
+    assert 0.7 < ratio < 1.4, ratio
+    # A patch with no correlated offset gets no systematic term, and it adds to the sandwich.
+    flat = confidence.pose_covariance(points, normals, np.full(len(points), 0.3), weight,
+                                      labels, count)
+    both = confidence.pose_covariance(points, normals, np.full(len(points), 0.3), weight,
+                                      labels, count, systematic_mm=rms, correlation_mm=length)
+    np.testing.assert_allclose(both - flat, predicted, rtol=1e-6, atol=1e-12)
+
+
+def test_noise_level_is_the_spread_within_clusters():
+    rng = np.random.default_rng(6)
+    points = rng.uniform(0.0, 100.0, size=(6000, 3))
+    labels, count = confidence.cluster_labels(points, 10.0)
+    shared = rng.normal(scale=3.0, size=count)[labels]  # systematic: one offset per cluster
+    for sigma in (0.5, 2.0, 4.0):
+        residual = shared + rng.normal(scale=sigma, size=len(points))
+        assert confidence.noise_level(residual, labels, count) == pytest.approx(sigma, rel=0.1)
+
+
+def test_surface_points_do_not_sort_noisy_points_by_their_offset():
+    # Clusters of the noisy points themselves split a cluster across the normal by each
+    # point's offset, and the within-cluster spread shrinks; on the surface they do not.
+    surface, mesh = _ellipsoid_surface()
+    rng = np.random.default_rng(7)
+    points, normals = _patch(mesh, np.array([30.0, 15.0, 6.0]), 30.0, 3000, rng)
+    noisy = points + rng.normal(scale=4.0, size=points.shape)
+    lin = linearise(surface, noisy, 3.0)
+    by_points = confidence.noise_level(lin.residual, *confidence.cluster_labels(lin.points, 10.0))
+    by_surface = confidence.noise_level(lin.residual,
+                                        *confidence.cluster_labels(lin.surface_points, 10.0))
+    assert by_surface == pytest.approx(4.0, rel=0.15)
+    assert by_points < 0.85 * by_surface
+
+
 def test_precision_bounds_of_a_known_covariance():
     cov = np.diag([1.0, 4.0, 0.25, 1e-6, 1e-6, 4e-6])
     precision = confidence.precision_bounds(cov, np.zeros(3))

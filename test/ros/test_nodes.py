@@ -372,7 +372,7 @@ def test_rejected_result_gives_a_warning_and_no_tf(
 _CROSS = np.array([0.01, 0.0, 0.02, 1e-4, 0.0, 0.0])
 KNOWN_COVARIANCE = np.diag([0.04, 0.09, 0.16, 1e-6, 4e-6, 9e-6]) + np.outer(_CROSS, _CROSS)
 KNOWN_UNCERTAINTY = {'covariance': KNOWN_COVARIANCE, 'bound_mm': 1.37, 'bound_deg': 0.55,
-                     'uniqueness_z': 8.25, 'uniqueness_margin_mm': 0.61}
+                     'uniqueness_z': 8.25, 'uniqueness_margin_mm': 0.61, 'noise_mm': 1.8}
 
 
 def test_an_accepted_result_publishes_bone_pose_with_its_covariance(
@@ -400,7 +400,8 @@ def test_an_accepted_result_publishes_bone_pose_with_its_covariance(
     assert array is not None
     values = status_values(find_status(array, ': registration', level=DiagnosticStatus.OK))
     assert (values['bound_mm'], values['bound_deg'], values['uniqueness_z'],
-            values['uniqueness_margin_mm']) == ('1.37', '0.55', '8.25', '0.61')
+            values['uniqueness_margin_mm'], values['noise_mm']) == (
+                '1.37', '0.55', '8.25', '0.61', '1.8')
     assert values['bone_pose'] == 'published' and values['guidance'] == ''
     assert node.output.n_poses == 1
 

@@ -42,6 +42,8 @@ CHI2_95_3DOF = float(stats.chi2.ppf(0.95, 3))
 CHI2_95_6DOF = float(stats.chi2.ppf(0.95, 6))
 #: Relative floor of the information matrix's eigenvalues: below it a direction is free.
 INFORMATION_FLOOR = 1e-12
+#: Median absolute deviation to the standard deviation of a gaussian.
+MAD_TO_SIGMA = 1.4826
 #: Parameters of a rigid pose, for the small-sample correction of the sandwich.
 POSE_DOF = 6
 
@@ -113,15 +115,37 @@ def uniqueness_z(best: np.ndarray, alternative: np.ndarray, labels: np.ndarray,
 
 
 def pose_covariance(points: np.ndarray, normals: np.ndarray, residual: np.ndarray,
-                    weight: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
+                    weight: np.ndarray, labels: np.ndarray, n_clusters: int, *,
+                    scale: float = 1.0, systematic_mm: float = 0.0,
+                    correlation_mm: float = 25.0) -> np.ndarray:
     """Return the (6, 6) covariance of the pose error (see the module doc) of a converged fit.
 
     ``points`` are the matched cloud points in the bone frame (M, 3), ``normals`` the surface
     normals they were matched to, ``residual`` their signed point-to-plane distances (mm),
-    ``weight`` the robust weights, ``labels`` their clusters. The covariance is the
-    cluster-robust sandwich ``H^-1 B H^-1`` (B from the per-cluster scores), never below the
+    ``weight`` the robust weights, ``labels`` their clusters. It is ``scale`` times the
+    cluster-robust sandwich ``H^-1 B H^-1`` (see :func:`covariance_terms`) plus the error that
+    a smooth systematic surface offset of RMS ``systematic_mm`` and correlation length
+    ``correlation_mm`` causes (segmentation and tracking errors shared over a whole patch,
+    which no statistic within the patch can see).
+    """
+    sandwich, unit_systematic = covariance_terms(points, normals, residual, weight, labels,
+                                                 n_clusters, correlation_mm)
+    cov = scale * sandwich + systematic_mm ** 2 * unit_systematic
+    return (cov + cov.T) / 2.0
+
+
+def covariance_terms(points: np.ndarray, normals: np.ndarray, residual: np.ndarray,
+                     weight: np.ndarray, labels: np.ndarray, n_clusters: int,
+                     correlation_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Return the two (6, 6) terms of :func:`pose_covariance`: sandwich and unit systematic.
+
+    The sandwich is ``H^-1 B H^-1`` with B from the per-cluster scores, never below the
     Gauss-Newton variance ``s^2 / lambda`` along an eigen-direction of the information ``H``,
-    so directions with no information get a huge variance.
+    so directions with no information get a huge variance. The systematic term is the
+    covariance caused by an offset field ``b(x)`` along the normals with unit variance and a
+    gaussian correlation of length ``correlation_mm``: ``H^-1 G^T K G H^-1``, with ``G`` the
+    clusters' summed weighted Jacobians and ``K`` the correlation between cluster centres.
+    Weak directions of ``H`` (a shaft's axis) amplify it, as they amplify any bias.
     """
     centre = points.mean(axis=0)
     # Jacobian of each residual w.r.t. (v, omega) about the centre (well conditioned).
@@ -140,30 +164,42 @@ def pose_covariance(points: np.ndarray, normals: np.ndarray, residual: np.ndarra
     # no information at all, the sandwich is 0/0 and Gauss-Newton's s^2 / lambda is huge.
     sigma2 = float(np.sum(weight * residual ** 2) / max(np.sum(weight), 1e-12))
     sandwich += np.diag(np.maximum(sigma2 / eigval - np.diag(sandwich), 0.0))
-    cov_centre = eigvec @ sandwich @ eigvec.T
+    # The systematic term, cluster by cluster.
+    gains = np.zeros((n_clusters, POSE_DOF))
+    np.add.at(gains, labels, weighted)
+    counts = np.bincount(labels, minlength=n_clusters).astype(np.float64)
+    centres = np.zeros((n_clusters, 3))
+    np.add.at(centres, labels, points)
+    centres /= np.maximum(counts, 1.0)[:, None]
+    gap2 = np.sum((centres[:, None, :] - centres[None, :, :]) ** 2, axis=-1)
+    kernel = np.exp(-0.5 * gap2 / correlation_mm ** 2)
+    systematic = (eigvec.T @ (gains.T @ kernel @ gains) @ eigvec) / np.outer(eigval, eigval)
     # Move the rotation centre to the bone-frame origin: v_origin = v_centre + centre x omega.
     shift = np.eye(POSE_DOF)
     shift[:3, 3:] = _skew(centre)
-    cov = shift @ cov_centre @ shift.T
-    return (cov + cov.T) / 2.0
+    out = []
+    for term in (sandwich, systematic):
+        cov = shift @ (eigvec @ term @ eigvec.T) @ shift.T
+        out.append((cov + cov.T) / 2.0)
+    return out[0], out[1]
 
 
-def systematic_residual(residual: np.ndarray, weight: np.ndarray, labels: np.ndarray,
-                        n_clusters: int) -> float:
-    """Return the RMS over clusters of the weighted mean signed residual (mm).
+def noise_level(residual: np.ndarray, labels: np.ndarray, n_clusters: int) -> float:
+    """Return the point noise (mm): the robust spread of residuals about their cluster's mean.
 
-    White sensor noise averages out within a cluster, a misfit does not: a wrong bone or a
-    wrong pose leaves whole regions of the cloud above or below the surface. So this is the
-    residual that says "wrong", whatever the noise level (each cluster counts by its points).
+    What varies within a 10 mm cluster is sensor noise; what the cluster shares is systematic.
+    The spread is the median absolute deviation scaled to a gaussian sigma (1.4826), so that
+    the far points a robust fit discounts still count as the noise they are.
     """
     counts = np.bincount(labels, minlength=n_clusters)
-    weights = np.bincount(labels, weights=weight, minlength=n_clusters)
-    sums = np.bincount(labels, weights=weight * residual, minlength=n_clusters)
-    used = weights > 0.0
-    if not used.any():
-        return float('inf')
-    means = sums[used] / weights[used]
-    return float(np.sqrt(np.average(means ** 2, weights=counts[used])))
+    means = np.bincount(labels, weights=residual, minlength=n_clusters) / np.maximum(counts, 1)
+    size = counts[labels]
+    shared = size > 1  # a lone point has no spread about its own mean
+    if not shared.any():
+        return float('nan')
+    # A deviation from a mean of n points is sqrt((n - 1) / n) times the noise: undo it.
+    deviation = (residual - means[labels])[shared] * np.sqrt(size[shared] / (size[shared] - 1))
+    return float(MAD_TO_SIGMA * np.median(np.abs(deviation)))
 
 
 def covariance_in_parent(transform: np.ndarray, covariance: np.ndarray) -> np.ndarray:

@@ -241,8 +241,24 @@ class RegistrationConfig:
              ' of points (ultrasound errors are shared by neighbours), mm. See '
              '``core.confidence``.'))
     covariance_scale: float = spec(
-        2.0, low=0.01, high=1000.0,
-        doc='Multiplier of the cluster-robust pose covariance (calibrated on held-out data).')
+        3.0, low=0.01, high=1000.0,
+        doc=('Multiplier of the cluster-robust sandwich term of the pose covariance. Calibrated '
+             'with the two systematic_* terms below on held-out data: '
+             'benchmarks/calibrate_gates.py.'))
+    systematic_error_mm: float = spec(
+        0.5, low=0.0, high=100.0, unit='mm',
+        doc=('RMS of the smooth systematic surface offset (segmentation and tracking error shared'
+             ' by neighbouring points) that the pose covariance allows for, mm. A patch cannot '
+             'average it out as a whole sweep does; weak directions amplify it. Calibrated on '
+             'held-out data: benchmarks/calibrate_gates.py.'))
+    systematic_length_mm: float = spec(
+        50.0, low=1.0, high=1000.0, unit='mm',
+        doc='Correlation length of that offset (gaussian), mm.')
+    noise_bias_per_mm: float = spec(
+        0.1, low=0.0, high=10.0,
+        doc=("Growth of the systematic offset with the cloud's measured point noise sigma: the "
+             'offset RMS is sqrt(systematic_error_mm^2 + (noise_bias_per_mm * sigma^2)^2) mm, '
+             'for noise on a curved surface biases a fit by about sigma^2 times the curvature.'))
     gate_min_uniqueness_z: float = spec(
         6.0, low=0.0, high=1000.0,
         doc=('Accept only if the best pose fits better than the best distinct alternative by at '

@@ -90,6 +90,15 @@ class Linearisation:
     """Every unmatched point is at least this far from the surface (by
     :meth:`SurfaceModel.distances`): the matching bound less the sample spacing."""
 
+    @property
+    def surface_points(self) -> np.ndarray:
+        """The matched points projected along their normals onto the surface's tangent planes.
+
+        Where on the bone each point speaks: cluster statistics group points by it, since
+        grouping by the noisy points themselves sorts them by their offset along the normal.
+        """
+        return self.points - self.residual[:, None] * self.normals
+
     def distances(self, surface: SurfaceModel) -> np.ndarray:
         """Return :meth:`SurfaceModel.distances` of all input points (N,); inf if unmatched.
 

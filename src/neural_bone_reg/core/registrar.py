@@ -13,8 +13,9 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 import torch
 
-from neural_bone_reg.core.confidence import (check_geometry, cluster_labels, pose_covariance,
-                                             Precision, precision_bounds, uniqueness_z)
+from neural_bone_reg.core.confidence import (check_geometry, cluster_labels, noise_level,
+                                             pose_covariance, Precision, precision_bounds,
+                                             uniqueness_z)
 from neural_bone_reg.core.config import Configs, registration_preset, RegistrationConfig
 from neural_bone_reg.core.errors import InputError
 from neural_bone_reg.core.fields import GridField
@@ -136,6 +137,8 @@ class RegistrationResult:
     """Standard errors by which the best pose fits better than the best distinct alternative."""
     uniqueness_margin_mm: float = float('nan')
     """Mean per-point truncated distance of the alternative minus that of the best, mm."""
+    noise_mm: float = float('nan')
+    """The cloud's point noise measured at the fit (robust spread within clusters), mm."""
     guidance: str = ''
     """For a refused result: where more data would help (least-constrained direction, where
     candidate poses disagree). Empty when accepted."""
@@ -163,6 +166,7 @@ class RegistrationResult:
             'bound_deg': self.bound_deg,
             'uniqueness_z': self.uniqueness_z,
             'uniqueness_margin_mm': self.uniqueness_margin_mm,
+            'noise_mm': self.noise_mm,
             'guidance': self.guidance,
         }
 
@@ -429,7 +433,7 @@ class BoneRegistrar:
         target = (np.asarray(cfg.precision_target_mm, dtype=np.float64) if use_target
                   else moved.mean(axis=0))
         constraint = constraint_from_linearisation(lin)
-        covariance, precision = self._covariance(lin, target)
+        covariance, precision, noise = self._covariance(lin, target)
         # Uniqueness: the best against the best distinct alternative, cluster by cluster.
         alternative, ambiguity, z_score, margin = None, 0.0, float('inf'), float('nan')
         if len(refined) > 1:
@@ -453,18 +457,22 @@ class BoneRegistrar:
             alternative_transform=alternative, candidates_refined=len(refined),
             constraint=constraint, covariance=covariance, bound_mm=bound_mm,
             bound_deg=bound_deg, uniqueness_z=float(z_score), uniqueness_margin_mm=margin,
-            guidance=guidance)
+            noise_mm=noise, guidance=guidance)
 
     def _covariance(self, lin: Linearisation | None,
-                    target: np.ndarray) -> tuple[np.ndarray, Precision | None]:
-        """Return the pose covariance of a fit's linearisation and its bounds at ``target``."""
+                    target: np.ndarray) -> tuple[np.ndarray, Precision | None, float]:
+        """Return a fit's pose covariance, its bounds at ``target`` and the point noise (mm)."""
         cfg = self.config
         if lin is None:
-            return np.full((6, 6), np.inf), None
-        labels, n_clusters = cluster_labels(lin.points, cfg.cluster_mm)
+            return np.full((6, 6), np.inf), None, float('nan')
+        labels, n_clusters = cluster_labels(lin.surface_points, cfg.cluster_mm)
+        noise = noise_level(lin.residual, labels, n_clusters)
+        systematic = float(np.hypot(cfg.systematic_error_mm, cfg.noise_bias_per_mm * noise ** 2))
         covariance = pose_covariance(lin.points, lin.normals, lin.residual, lin.weight,
-                                     labels, n_clusters) * cfg.covariance_scale
-        return covariance, precision_bounds(covariance, target)
+                                     labels, n_clusters, scale=cfg.covariance_scale,
+                                     systematic_mm=systematic,
+                                     correlation_mm=cfg.systematic_length_mm)
+        return covariance, precision_bounds(covariance, target), noise
 
     def _precision_reasons(self, precision: Precision | None) -> list[str]:
         """Return why the 95 % bounds fail the precision gates (empty when they pass)."""
@@ -547,7 +555,7 @@ class BoneRegistrar:
         residual, inlier_fraction = self._fit_quality(
             lin.distances(self.surface) if reuse else self.surface.distances(moved))
         constraint = constraint_from_linearisation(lin)
-        covariance, precision = self._covariance(lin, centroid @ rot.T + tr)
+        covariance, precision, noise = self._covariance(lin, centroid @ rot.T + tr)
         reasons = self._fit_reasons(residual, inlier_fraction)
         reasons += self._precision_reasons(precision)
         if not icp.last_step_mm <= TRACK_MAX_LAST_STEP_MM:  # inf: ICP lost the surface
@@ -567,7 +575,7 @@ class BoneRegistrar:
             time_s=time.perf_counter() - start, timings={'icp_iterations': icp.iterations},
             constraint=constraint, method='track', step_deg=step_deg, step_mm=step_mm,
             covariance=covariance, bound_mm=_bound(precision, 'bound_mm'),
-            bound_deg=_bound(precision, 'bound_deg'))
+            bound_deg=_bound(precision, 'bound_deg'), noise_mm=noise)
 
     # -- helpers ------------------------------------------------------------------------------
 

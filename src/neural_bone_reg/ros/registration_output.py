@@ -32,7 +32,7 @@ from neural_bone_reg.ros.tf_compat import make_tf_broadcaster, send_transforms
 #: Per-frame log messages are throttled to one per this many seconds.
 LOG_THROTTLE_S = 2.0
 #: Uncertainty fields of a result reported on /diagnostics (core.registrar.RegistrationResult).
-UNCERTAINTY_KEYS = ('bound_mm', 'bound_deg', 'uniqueness_z', 'uniqueness_margin_mm')
+UNCERTAINTY_KEYS = ('bound_mm', 'bound_deg', 'uniqueness_z', 'uniqueness_margin_mm', 'noise_mm')
 
 
 def stamp_text(stamp_ns: int) -> str:

@@ -1,0 +1,265 @@
+"""Collect the confidence statistics of many registrations, right and wrong, to calibrate gates.
+
+Every cloud of ``--data`` is registered, by the bench protocol (``neural_bone_reg.core.bench``)
+on seeds the bench does not use, to its own bone (full sweeps, patches, added noise) and to
+every other bone (each of those fits is wrong). Each row records what the gates see (uniqueness
+z and margin, 95 % bounds, residual, inliers) with the truth: whether the pose is correct
+(RRE < 5 deg and RTE < 4 mm) and whether the trial's own floor is (else the input cannot decide
+its pose). Each row keeps the two terms of its pose covariance (``core.confidence
+.covariance_terms``: the cluster-robust sandwich and, per correlation length, the unit
+systematic term), its measured point noise and its error against the case floor (ICP from the
+truth on the whole cloud), so that any covariance setting can be scored without registering
+again.
+
+``--analyse`` scores a grid of settings (covariance scale, systematic offset, its correlation
+length, its growth with noise, uniqueness gate) with the registrar's gates: a setting is
+feasible when it accepts no wrong fit, every full sweep, and its 95 % ellipsoids hold the error
+of at least 90 % of the accepted fits in each protocol group (full, noise, patch). Of the
+feasible ones it picks the one that accepts the most correct noisy and patch fits. It does so
+leave-one-case-out (chosen on the other cases, scored on the held-out one), then on every case.
+
+    .venv/bin/python benchmarks/calibrate_gates.py --json out/calibration.json
+    .venv/bin/python benchmarks/calibrate_gates.py --analyse out/calibration.json
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+import itertools
+import json
+from pathlib import Path
+import sys
+
+from bench_common import real_data_parser
+import numpy as np
+
+from neural_bone_reg import BoneRegistrar
+from neural_bone_reg.core import metrics
+from neural_bone_reg.core.bench import (_scoring_points, bench_cases, bench_trial, floor_of_case,
+                                        icp_floor, mahalanobis_sq, pose_error)
+from neural_bone_reg.core.confidence import (CHI2_95_6DOF, cluster_labels, covariance_terms,
+                                             noise_level, precision_bounds)
+from neural_bone_reg.core.config import RegistrationConfig
+from neural_bone_reg.core.errors import InputError
+from neural_bone_reg.core.io import load_cloud
+from neural_bone_reg.core.refine import linearise
+from neural_bone_reg.core.se3 import apply_transform
+
+#: (noise mm, patch mm) of each protocol.
+PROTOCOLS = {'full': (0.0, 0.0), 'patch60': (0.0, 60.0), 'patch40': (0.0, 40.0),
+             'patch25': (0.0, 25.0), 'noise2': (2.0, 0.0), 'noise4': (4.0, 0.0)}
+#: Protocols of the wrong-bone fits (every one of them is wrong).
+WRONG_BONE_PROTOCOLS = ('full', 'patch60', 'patch40', 'patch25')
+#: Coverage of the 95 % ellipsoid that accepted fits must reach in every protocol group.
+MIN_COVERAGE = 0.9
+#: Correlation lengths (mm) of the systematic surface offset whose covariance terms are kept.
+LENGTHS_MM = (10.0, 20.0, 30.0, 50.0)
+
+
+def collect(args) -> list[dict]:
+    """Register every (bone, cloud, protocol, trial) and return one row each."""
+    cases = bench_cases(args.data, args.cases)
+    clouds = {case: load_cloud(args.data / f'{case}.xyz') for case in cases}
+    rows = []
+    for bone in cases:
+        reg = BoneRegistrar.from_mesh(args.data / f'{bone}.stl', device=args.device,
+                                      cache_dir=args.cache_dir)
+        scale = reg.config.covariance_scale
+        reg = reg.with_config(replace(reg.config, covariance_scale=1.0))
+        case_floor = floor_of_case(reg, clouds[bone]).transform
+        for source in cases:
+            protocols = PROTOCOLS if source == bone else WRONG_BONE_PROTOCOLS
+            for name in protocols:
+                noise, patch = PROTOCOLS[name]
+                for trial in range(args.trials):
+                    moved, truth = bench_trial(clouds[source], args.seed, trial, noise, patch)
+                    row = {'bone': bone, 'cloud': source, 'protocol': name, 'trial': trial,
+                           'right_bone': source == bone, 'n_points': len(moved),
+                           'default_covariance_scale': scale}
+                    try:
+                        res = reg.register(moved)
+                    except InputError as exc:
+                        row.update(input_error=str(exc))
+                        rows.append(row)
+                        continue
+                    row.update(uniqueness_z=res.uniqueness_z,
+                               margin_mm=res.uniqueness_margin_mm,
+                               bound_mm=res.bound_mm, bound_deg=res.bound_deg,
+                               residual_mm=res.residual_mm,
+                               inlier_fraction=res.inlier_fraction,
+                               accepted_default=res.accepted,
+                               reasons=list(res.rejection_reasons))
+                    row.update(_terms(reg, moved, res.transform))
+                    if source == bone:
+                        rre = metrics.rre_deg(res.transform, truth)
+                        rte = metrics.rte_mm(res.transform, truth, moved)
+                        floor = icp_floor(reg, moved, truth)
+                        reference = case_floor @ truth
+                        delta = pose_error(reference, res.transform)
+                        row.update(delta_case_floor=delta.tolist())
+                        row.update(correct=metrics.is_success(rre, rte), rre_deg=rre,
+                                   rte_mm=rte, floor_correct=metrics.is_success(
+                                       floor.rre_deg, floor.rte_mm),
+                                   mahalanobis2_case_floor=(
+                                       mahalanobis_sq(res.covariance, delta)
+                                       if np.all(np.isfinite(res.covariance)) else None))
+                    else:
+                        row.update(correct=False, floor_correct=False)
+                    rows.append(row)
+                    print(json.dumps({k: row.get(k) for k in (
+                        'bone', 'cloud', 'protocol', 'trial', 'correct', 'uniqueness_z',
+                        'bound_mm', 'bound_deg', 'residual_mm', 'noise_level_mm')}), flush=True)
+    return rows
+
+
+def _terms(reg: BoneRegistrar, moved: np.ndarray, transform: np.ndarray) -> dict:
+    """Return the covariance terms of ``transform`` on ``moved``, as the registrar makes them."""
+    cfg = reg.config
+    _, icp_pts = _scoring_points(reg, moved)
+    lin = linearise(reg.surface, apply_transform(transform, icp_pts), cfg.robust_scale_mm)
+    if lin is None:
+        return {}
+    labels, count = cluster_labels(lin.surface_points, cfg.cluster_mm)
+    out = {'noise_level_mm': noise_level(lin.residual, labels, count),
+           'target': apply_transform(transform, reg.validate(moved)).mean(axis=0).tolist()}
+    for length in LENGTHS_MM:
+        sandwich, unit = covariance_terms(lin.points, lin.normals, lin.residual, lin.weight,
+                                          labels, count, length)
+        out['sandwich'] = sandwich.tolist()
+        out[f'unit_systematic_{length:g}'] = unit.tolist()
+    return out
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One candidate calibration: covariance model and uniqueness gate."""
+
+    scale: float
+    systematic_mm: float
+    length_mm: float
+    noise_bias: float
+    min_z: float
+
+    def covariance(self, row: dict) -> np.ndarray:
+        """Return the covariance this setting gives the row's fit (as the registrar would)."""
+        offset2 = self.systematic_mm ** 2 + (self.noise_bias * row['noise_level_mm'] ** 2) ** 2
+        return (self.scale * np.asarray(row['sandwich'])
+                + offset2 * np.asarray(row[f'unit_systematic_{self.length_mm:g}']))
+
+
+GRID = [Setting(*values) for values in itertools.product(
+    (1.0, 2.0, 3.0, 4.0), (0.0, 0.25, 0.5, 0.75), LENGTHS_MM, (0.0, 0.05, 0.1, 0.15),
+    (3.0, 4.0, 5.0, 6.0))]
+#: Protocol groups over which coverage must hold on its own.
+GROUPS = {'full': ('full',), 'noise': ('noise2', 'noise4'),
+          'patch': ('patch60', 'patch40', 'patch25')}
+
+
+def judge(rows: list[dict], setting: Setting, cfg: RegistrationConfig) -> list[dict]:
+    """Return per row: accepted (every gate, as the registrar's), correct, covered (95 %)."""
+    out = []
+    cache: dict[int, tuple] = {}
+    for row in rows:
+        key = id(row)
+        if key not in cache:
+            cov = setting.covariance(row)
+            bounds = precision_bounds(cov, np.asarray(row['target']))
+            m2 = (mahalanobis_sq(cov, np.asarray(row['delta_case_floor']))
+                  if row['right_bone'] else float('nan'))
+            cache[key] = (bounds, m2)
+        bounds, m2 = cache[key]
+        accepted = (bounds.bound_mm <= cfg.gate_max_bound_mm
+                    and bounds.bound_deg <= cfg.gate_max_bound_deg
+                    and row['uniqueness_z'] >= setting.min_z
+                    and row['residual_mm'] <= cfg.gate_max_residual_mm
+                    and row['inlier_fraction'] >= cfg.gate_min_inlier_fraction)
+        out.append({'row': row, 'accepted': accepted, 'correct': row['correct'],
+                    'covered': m2 <= CHI2_95_6DOF, 'bound_mm': bounds.bound_mm})
+    return out
+
+
+def score(judged: list[dict]) -> dict:
+    """Return accepted-correct, wrong accepted and coverage of accepted fits per group."""
+    out = {'wrong_accepted': sum(j['accepted'] and not j['correct'] for j in judged)}
+    for group, protocols in GROUPS.items():
+        mine = [j for j in judged if j['row']['right_bone'] and j['row']['protocol'] in protocols]
+        accepted = [j for j in mine if j['accepted']]
+        out[group] = {'trials': len(mine), 'correct': sum(j['correct'] for j in mine),
+                      'accepted_correct': sum(j['correct'] for j in accepted),
+                      'coverage': (float(np.mean([j['covered'] for j in accepted]))
+                                   if accepted else float('nan'))}
+    return out
+
+
+def feasible(result: dict) -> bool:
+    """Whether a setting is safe and calibrated: no wrong fit, every full sweep, coverage."""
+    return (result['wrong_accepted'] == 0
+            and result['full']['accepted_correct'] == result['full']['correct']
+            and all(not result[g]['coverage'] < MIN_COVERAGE for g in GROUPS))
+
+
+def choose(rows: list[dict], cfg: RegistrationConfig) -> tuple[Setting, dict] | None:
+    """Return the feasible setting that accepts the most correct fits (None if none is)."""
+    best = None
+    for setting in GRID:
+        result = score(judge(rows, setting, cfg))
+        if not feasible(result):
+            continue
+        gain = result['noise']['accepted_correct'] + result['patch']['accepted_correct']
+        if best is None or gain > best[0]:
+            best = (gain, setting, result)
+    return None if best is None else (best[1], best[2])
+
+
+def _line(result: dict) -> str:
+    return '  '.join(f"{g} {result[g]['accepted_correct']}/{result[g]['trials']} accepted "
+                     f"correct, coverage {result[g]['coverage']:.2f}" for g in GROUPS) + \
+        f"  wrong accepted {result['wrong_accepted']}"
+
+
+def analyse(rows: list[dict]) -> None:
+    """Print the chosen setting, its leave-one-case-out check and the wrong fits (module doc)."""
+    cfg = RegistrationConfig()
+    done = [r for r in rows if 'sandwich' in r]
+    cases = sorted({r['bone'] for r in done})
+    print(f'{len(done)} registrations ({len(rows) - len(done)} input errors or unmatched); '
+          f"{sum(r['correct'] for r in done)} correct, {sum(not r['correct'] for r in done)} "
+          f"wrong ({sum(not r['right_bone'] for r in done)} on another bone)")
+    current = Setting(cfg.covariance_scale, cfg.systematic_error_mm, cfg.systematic_length_mm,
+                      cfg.noise_bias_per_mm, cfg.gate_min_uniqueness_z)
+    print(f'\nthe configured setting {current}:\n  {_line(score(judge(done, current, cfg)))}')
+    print('\nleave one case out (chosen on the other cases, their clouds on every bone; '
+          'scored on the held-out bone):')
+    for held in cases:
+        train = [r for r in done if held not in (r['bone'], r['cloud'])]
+        test = [r for r in done if r['bone'] == held]
+        chosen = choose(train, cfg)
+        if chosen is None:
+            print(f'  {held}: no feasible setting')
+            continue
+        print(f'  {held}: {chosen[0]}\n    {_line(score(judge(test, chosen[0], cfg)))}')
+    chosen = choose(done, cfg)
+    summary = 'none feasible' if chosen is None else f'{chosen[0]}\n  {_line(chosen[1])}'
+    print(f'\nchosen on every case: {summary}')
+
+
+def main() -> int:
+    """Collect (``--json``) or analyse (``--analyse FILE``)."""
+    parser = real_data_parser(__doc__, trials=3)
+    parser.add_argument('--analyse', type=Path, help='analyse this file instead of collecting')
+    parser.set_defaults(seed=1)
+    args = parser.parse_args()
+    if args.analyse:
+        analyse(json.loads(args.analyse.read_text())['rows'])
+        return 0
+    rows = collect(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({'seed': args.seed, 'trials': args.trials,
+                                         'rows': rows}, indent=1))
+    analyse(rows)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""benchmarks/calibrate_gates.py: the choice of a covariance setting and uniqueness gate."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neural_bone_reg.core.config import RegistrationConfig
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / 'benchmarks'
+
+
+@pytest.fixture
+def calibrate(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module('calibrate_gates')
+
+
+def _row(calibrate, protocol, *, right_bone=True, correct=True, z=10.0, delta_mm=0.0,
+         sandwich=(0.01, 1e-7), unit=(1.0, 1e-5), bone='a', cloud=None):
+    row = {'bone': bone, 'cloud': cloud or bone, 'protocol': protocol, 'right_bone': right_bone,
+           'correct': correct, 'uniqueness_z': z, 'residual_mm': 1.0, 'inlier_fraction': 0.9,
+           'noise_level_mm': 1.0, 'target': [0.0, 0.0, 0.0],
+           'sandwich': np.diag([sandwich[0]] * 3 + [sandwich[1]] * 3).tolist(),
+           'delta_case_floor': [delta_mm, 0.0, 0.0, 0.0, 0.0, 0.0]}
+    for length in calibrate.LENGTHS_MM:
+        row[f'unit_systematic_{length:g}'] = np.diag([unit[0]] * 3 + [unit[1]] * 3).tolist()
+    return row
+
+
+def test_the_chosen_setting_covers_the_patch_error_and_keeps_the_wrong_fit_out(calibrate):
+    rows = [
+        _row(calibrate, 'full', unit=(0.1, 1e-6)),
+        # A correct patch 0.8 mm off the floor: its sandwich alone (0.1 mm) cannot cover it,
+        # a systematic offset of 0.25-0.5 mm can, and 0.75 mm is too imprecise to accept.
+        _row(calibrate, 'patch40', delta_mm=0.8),
+        # A wrong fit on another bone, as precise as any, at 5.5 standard errors.
+        _row(calibrate, 'full', right_bone=False, correct=False, z=5.5, cloud='b'),
+    ]
+    cfg = RegistrationConfig()
+    setting, result = calibrate.choose(rows, cfg)
+    assert setting.min_z == 6.0
+    assert 0.05 <= setting.systematic_mm ** 2 + setting.noise_bias ** 2 <= 0.52
+    assert result['patch']['accepted_correct'] == 1 and result['patch']['coverage'] == 1.0
+    assert result['wrong_accepted'] == 0 and result['full']['accepted_correct'] == 1
+    # No systematic term: the patch is accepted but its ellipsoid misses the error.
+    bare = calibrate.Setting(1.0, 0.0, 50.0, 0.0, 6.0)
+    scored = calibrate.score(calibrate.judge(rows, bare, cfg))
+    assert scored['patch']['coverage'] == 0.0 and not calibrate.feasible(scored)
+
+
+def test_no_setting_is_feasible_when_a_wrong_fit_is_unique_and_precise(calibrate):
+    rows = [_row(calibrate, 'full'),
+            _row(calibrate, 'full', right_bone=False, correct=False, z=50.0, cloud='b')]
+    assert calibrate.choose(rows, RegistrationConfig()) is None
