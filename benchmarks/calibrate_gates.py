@@ -226,7 +226,7 @@ def analyse(rows: list[dict]) -> None:
           f"{sum(r['correct'] for r in done)} correct, {sum(not r['correct'] for r in done)} "
           f"wrong ({sum(not r['right_bone'] for r in done)} on another bone)")
     current = Setting(cfg.covariance_scale, cfg.systematic_error_mm, cfg.systematic_length_mm,
-                      cfg.noise_bias_per_mm, cfg.gate_min_uniqueness_z)
+                      cfg.systematic_noise_gain, cfg.gate_min_uniqueness_z)
     print(f'\nthe configured setting {current}:\n  {_line(score(judge(done, current, cfg)))}')
     print('\nleave one case out (chosen on the other cases, their clouds on every bone; '
           'scored on the held-out bone):')

@@ -29,7 +29,11 @@ def small_configs():
     """Return Configs with a small UDF and training run and the 'fast' registration preset."""
     from neural_bone_reg.core.config import configs_from_dict
 
-    return configs_from_dict({'udf': SMALL_UDF, 'train': SMALL_TRAIN}, preset='fast')
+    from neural_bone_reg.core.sim import SENSOR_MODEL
+
+    # The phantom's clouds are simulated: no systematic offset (see core.sim.SENSOR_MODEL).
+    return configs_from_dict({'udf': SMALL_UDF, 'train': SMALL_TRAIN,
+                              'registration': dict(SENSOR_MODEL)}, preset='fast')
 
 
 @pytest.fixture(scope='session')

@@ -254,10 +254,11 @@ class RegistrationConfig:
     systematic_length_mm: float = spec(
         50.0, low=1.0, high=1000.0, unit='mm',
         doc='Correlation length of that offset (gaussian), mm.')
-    noise_bias_per_mm: float = spec(
+    systematic_noise_gain: float = spec(
         0.1, low=0.0, high=10.0,
-        doc=("Growth of the systematic offset with the cloud's measured point noise sigma: the "
-             'offset RMS is sqrt(systematic_error_mm^2 + (noise_bias_per_mm * sigma^2)^2) mm, '
+        doc=("Growth of the systematic offset with the cloud's measured point noise sigma, per mm:"
+             ' the offset RMS is sqrt(systematic_error_mm^2 + (systematic_noise_gain * sigma^2)^2)'
+             ' mm, '
              'for noise on a curved surface biases a fit by about sigma^2 times the curvature.'))
     gate_min_uniqueness_z: float = spec(
         6.0, low=0.0, high=1000.0,

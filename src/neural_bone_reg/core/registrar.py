@@ -467,7 +467,9 @@ class BoneRegistrar:
             return np.full((6, 6), np.inf), None, float('nan')
         labels, n_clusters = cluster_labels(lin.surface_points, cfg.cluster_mm)
         noise = noise_level(lin.residual, labels, n_clusters)
-        systematic = float(np.hypot(cfg.systematic_error_mm, cfg.noise_bias_per_mm * noise ** 2))
+        # nan noise (every point alone in its cluster) gives nan bounds, which every gate refuses.
+        systematic = float(np.hypot(cfg.systematic_error_mm,
+                                    cfg.systematic_noise_gain * noise ** 2))
         covariance = pose_covariance(lin.points, lin.normals, lin.residual, lin.weight,
                                      labels, n_clusters, scale=cfg.covariance_scale,
                                      systematic_mm=systematic,
