@@ -29,11 +29,7 @@ def small_configs():
     """Return Configs with a small UDF and training run and the 'fast' registration preset."""
     from neural_bone_reg.core.config import configs_from_dict
 
-    from neural_bone_reg.core.sim import SENSOR_MODEL
-
-    # The phantom's clouds are simulated: no systematic offset (see core.sim.SENSOR_MODEL).
-    return configs_from_dict({'udf': SMALL_UDF, 'train': SMALL_TRAIN,
-                              'registration': dict(SENSOR_MODEL)}, preset='fast')
+    return configs_from_dict({'udf': SMALL_UDF, 'train': SMALL_TRAIN}, preset='fast')
 
 
 @pytest.fixture(scope='session')

@@ -18,8 +18,6 @@ from typing import Any, Callable, Generic, Optional, TypeVar
 import numpy as np
 import yaml
 
-from neural_bone_reg.core.sim import SENSOR_MODEL
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / 'config'
 
@@ -34,8 +32,7 @@ TEST_TRAIN = {'iterations': 300, 'num_samples': 30_000, 'num_surface_points': 5_
 #: default's 6; the gates themselves are tested in test/core on the full-size field.
 TEST_REGISTRATION = {'num_hypotheses': 512, 'fine_top_k': 16, 'final_candidates': 4,
                      'coarse_iterations': 40, 'fine_iterations': 30, 'fine_points': 512,
-                     'gate_min_uniqueness_z': 3.0,
-                     **SENSOR_MODEL}  # simulated clouds: no systematic offset
+                     'gate_min_uniqueness_z': 3.0}
 #: Seconds to wait for anything that involves a registration solve.
 SOLVE_TIMEOUT_S = 90.0
 #: Seconds to wait for plain message delivery.

@@ -380,7 +380,6 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
 
     from neural_bone_reg.core.metrics import rre_deg, rte_mm
     from neural_bone_reg.core.se3 import apply_transform, invert_transform
-    from neural_bone_reg.core.sim import SENSOR_MODEL
     from neural_bone_reg.ros.conversions import transform_stamped_to_matrix
     from neural_bone_reg.ros.model_info import decode_model_info
 
@@ -435,9 +434,6 @@ def _run(args: argparse.Namespace, env: dict[str, str], work: Path, children: li
         *_params_files(registration_files), '-p', f'robot_frame:={robot_frame}',
         '-p', f'bone_frame:={BONE_FRAME}', '-p', f'mode:={mode}',
         '-r', f"points:={info['topic']}", *common]
-    # The probe and camera here are simulated: tell the covariance their error model.
-    for name, value in SENSOR_MODEL.items():
-        registration_args += ['-p', f'registration.{name}:={value}']
     if args.preset:
         registration_args += ['-p', f'preset:={args.preset}']
     children.append(Child('registration_node', registration_args, env, work))

@@ -18,11 +18,6 @@ from neural_bone_reg.core.runtime import default_cache_dir
 from neural_bone_reg.core.se3 import make_transform, random_rotations
 
 PHANTOM_FILENAME = 'phantom_proximal_femur_v1.stl'
-#: Registration settings that describe the clouds simulated here (and by ``core.camera``):
-#: white gaussian noise and outliers, but no systematic surface offset, the segmentation and
-#: tracking bias of real ultrasound that the default pose covariance allows for
-#: (``RegistrationConfig.systematic_error_mm``, calibrated on real sweeps).
-SENSOR_MODEL = {'systematic_error_mm': 0.0}
 #: (centre mm, radius mm) pairs; each inner list is hulled, then all parts are united.
 _PHANTOM_PARTS = (
     (((0.0, 0.0, 0.0), 13.0), ((1.0, 2.0, 150.0), 16.0)),            # tapered shaft
