@@ -154,3 +154,19 @@ def test_warm_up_runs_and_leaves_results_unchanged(phantom_registrar, phantom_me
     assert phantom_registrar.warm_up() > 0.0
     after = phantom_registrar.register(cloud)
     np.testing.assert_allclose(after.transform, before.transform, atol=1e-9)
+
+
+def test_a_short_sweep_carries_more_hypotheses_to_the_fine_stage(phantom_registrar, phantom_mesh):
+    from neural_bone_reg.core.registrar import SHORT_SWEEP_FRACTION
+
+    cfg = phantom_registrar.config
+    assert cfg.patch_fine_top_k > cfg.fine_top_k  # the preset's budget, wider for patches
+    whole = np.asarray(phantom_mesh.sample(4000, seed=0))
+    full = phantom_registrar._prepare(whole)
+    assert not full.is_short and phantom_registrar._top_k(full) == cfg.fine_top_k
+    centre = whole[0]
+    near = whole[np.linalg.norm(whole - centre, axis=1) < 40.0]
+    extent = np.linalg.norm(np.ptp(near, axis=0))
+    assert extent < SHORT_SWEEP_FRACTION * phantom_registrar._bone_diagonal
+    patch = phantom_registrar._prepare(near)
+    assert patch.is_short and phantom_registrar._top_k(patch) == cfg.patch_fine_top_k

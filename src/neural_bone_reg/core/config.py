@@ -178,6 +178,12 @@ class RegistrationConfig:
     fine_top_k: int = spec(
         32, low=1,
         doc='Hypotheses carried from the coarse to the fine stage.')
+    patch_fine_top_k: int = spec(
+        64, low=1,
+        doc=('Hypotheses carried from the coarse to the fine stage for a short sweep (a cloud '
+             "narrower than 0.8 of the bone's diagonal). A patch has more near-equal optima than"
+             ' a full sweep: with 32, 2 of 30 patches of specimen00 (60 and 40 mm) missed the '
+             'best one.'))
     fine_points: int = spec(
         512, low=8, high=1_000_000,
         doc='Cloud points scored per hypothesis in the fine stage.')
@@ -313,6 +319,12 @@ class RegistrationConfig:
         _check(self.fine_top_k <= self.num_hypotheses,
                f'registration.fine_top_k must be in [1, num_hypotheses={self.num_hypotheses}], '
                f'got {self.fine_top_k}')
+        _check(self.patch_fine_top_k <= self.num_hypotheses,
+               'registration.patch_fine_top_k must be in [1, num_hypotheses='
+               f'{self.num_hypotheses}], got {self.patch_fine_top_k}')
+        _check(self.final_candidates <= min(self.fine_top_k, self.patch_fine_top_k),
+               'registration.final_candidates must be in [1, min(fine_top_k, patch_fine_top_k)='
+               f'{min(self.fine_top_k, self.patch_fine_top_k)}], got {self.final_candidates}')
         _check(self.final_candidates <= self.fine_top_k,
                f'registration.final_candidates must be in [1, fine_top_k={self.fine_top_k}], '
                f'got {self.final_candidates}')
@@ -393,7 +405,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   early_stop_tolerance=0.0, coarse_prune_every=0, refine=False,
                   final_candidates=8, optimised_share=1.0),
     # Small and quick, for tests and smoke runs.
-    'fast': dict(num_hypotheses=512, coarse_iterations=60, fine_top_k=16, fine_points=512,
+    'fast': dict(num_hypotheses=512, coarse_iterations=60, fine_top_k=16, patch_fine_top_k=32,
+                 fine_points=512,
                  fine_iterations=40, final_candidates=4),
 }
 

@@ -50,6 +50,10 @@ CANDIDATE_ICP_POINTS = 1000
 #: A cloud narrower than this share of the bone's diagonal is a patch: its hypotheses start on
 #: the bone surface, with the patch's normal along the surface normal (see _surface_poses).
 PATCH_FRACTION = 0.6
+#: A cloud narrower than this share of the bone's diagonal is a short sweep: it carries
+#: ``patch_fine_top_k`` hypotheses to the fine stage. specimen00's full sweeps span 0.95-0.99
+#: of it, its 60 mm patches 0.37-0.69 (those above 0.6 start as full sweeps do).
+SHORT_SWEEP_FRACTION = 0.8
 #: Patch hypotheses start at surface samples one per cube of this edge (mm), so a bigger bone
 #: gets more anchors.
 SURFACE_ANCHOR_SPACING_MM = 8.0
@@ -79,7 +83,8 @@ TRACK_MAX_LAST_STEP_MM = 0.1
 #: The tiny search of ``warm_up`` on this many surface points: every stage runs, briefly.
 WARM_UP_POINTS = 400
 WARM_UP_CONFIG = dict(num_hypotheses=32, coarse_iterations=2, coarse_prune_every=0, fine_top_k=4,
-                      fine_iterations=2, fine_points=64, final_candidates=2, refined_candidates=1,
+                      patch_fine_top_k=4, fine_iterations=2, fine_points=64, final_candidates=2,
+                      refined_candidates=1,
                       refine_iterations=2, min_points=3)
 #: A prior whose 3x3 block is farther than this from orthonormal is not a rotation.
 PRIOR_ORTHONORMAL_TOLERANCE = 1e-4
@@ -312,7 +317,8 @@ class BoneRegistrar:
             rng.choice(len(pts), ICP_POINTS, replace=False)]
         return _Prepared(pts, centroid, cloud,
                          torch.as_tensor(centroid, dtype=torch.float32, device=self.device),
-                         rng, extent < PATCH_FRACTION * self._bone_diagonal, icp_pts)
+                         rng, extent < PATCH_FRACTION * self._bone_diagonal,
+                         extent < SHORT_SWEEP_FRACTION * self._bone_diagonal, icp_pts)
 
     def _subset(self, prep: '_Prepared', count: int) -> torch.Tensor:
         """Return a seeded subset of ``count`` cloud points (all when fewer) on the device."""
@@ -324,12 +330,13 @@ class BoneRegistrar:
         """Optimise all hypotheses on a few points with successive halving."""
         cfg = self.config
         coarse_pts = self._subset(prep, cfg.coarse_points)
+        top_k = self._top_k(prep)
         if prep.is_patch:
             rotations_np, landing_np, anchors = self._surface_poses(prep, coarse_pts)
         else:
             rotations_np, landing_np, anchors = self._initial_poses(
                 prep.points - prep.centroid, prep.rng, cfg.num_hypotheses)
-            keep = max(int(cfg.num_hypotheses * cfg.optimised_share), cfg.fine_top_k)
+            keep = max(int(cfg.num_hypotheses * cfg.optimised_share), top_k)
             rotations_np, landing_np = self._prescreen(rotations_np, landing_np, prep,
                                                        coarse_pts, keep)
         dtype = torch.float32
@@ -339,10 +346,15 @@ class BoneRegistrar:
                              cfg.backbone_dim, cfg.translation_scale_mm, cfg.seed)
         coarse = optimise(hyps, self.field(), coarse_pts, cfg.coarse_iterations,
                           cfg.learning_rate, cfg.robust_scale_mm, cfg.early_stop_tolerance,
-                          cfg.fine_top_k, cfg.coarse_prune_every, cfg.coarse_prune_keep,
-                          min_survivors=min(COARSE_SURVIVORS_PER_FINE * cfg.fine_top_k,
+                          top_k, cfg.coarse_prune_every, cfg.coarse_prune_keep,
+                          min_survivors=min(COARSE_SURVIVORS_PER_FINE * top_k,
                                             len(rotations_np)))
         return coarse, anchors
+
+    def _top_k(self, prep: '_Prepared') -> int:
+        """Return how many hypotheses go from the coarse to the fine stage for this cloud."""
+        cfg = self.config
+        return cfg.patch_fine_top_k if prep.is_short else cfg.fine_top_k
 
     def _fine(self, prep: '_Prepared', coarse: StageResult) -> StageResult:
         """Optimise the best K distinct coarse poses on many points.
@@ -351,9 +363,10 @@ class BoneRegistrar:
         """
         cfg = self.config
         order = torch.argsort(coarse.cost).cpu().numpy()
-        top = torch.as_tensor(self._distinct(order, coarse.rotation.double().cpu().numpy(),
-                                             coarse.translation.double().cpu().numpy(),
-                                             prep.centroid, cfg.fine_top_k), device=self.device)
+        keep = self._distinct(order, coarse.rotation.double().cpu().numpy(),
+                              coarse.translation.double().cpu().numpy(), prep.centroid,
+                              self._top_k(prep))
+        top = torch.as_tensor(keep, device=self.device)
         landing_k = coarse.rotation[top] @ prep.centroid_t + coarse.translation[top]
         fine_hyps = HypothesisSet(coarse.rotation[top], landing_k, prep.centroid_t,
                                   cfg.latent_dim, cfg.backbone_dim, cfg.translation_scale_mm,
@@ -742,6 +755,8 @@ class _Prepared:
     rng: np.random.Generator
     is_patch: bool
     """Small against the bone (see PATCH_FRACTION): hypotheses start on the surface."""
+    is_short: bool
+    """Narrower than a full sweep (see SHORT_SWEEP_FRACTION): a wider fine stage."""
     icp_points: np.ndarray
     """The seeded subset (at most ICP_POINTS) that ICP refines on."""
 
