@@ -34,3 +34,20 @@ def real_data_parser(doc: str, trials: int | None = None,
     parser.add_argument('--cases', nargs='*', help='only these NAMEs')
     parser.add_argument('--json', type=Path, help='write every row here')
     return parser
+
+
+def real_cases(args: argparse.Namespace) -> tuple[list[str], dict]:
+    """Return the cases of ``args.data`` (``--cases`` only, if given) and their clouds by name."""
+    from neural_bone_reg.core.bench import bench_cases
+    from neural_bone_reg.core.io import load_cloud
+
+    cases = bench_cases(args.data, args.cases)
+    return cases, {case: load_cloud(args.data / f'{case}.xyz') for case in cases}
+
+
+def case_registrar(args: argparse.Namespace, case: str):
+    """Return the BoneRegistrar of ``case``'s mesh (its UDF trained or loaded from the cache)."""
+    from neural_bone_reg import BoneRegistrar
+
+    return BoneRegistrar.from_mesh(args.data / f'{case}.stl', device=args.device,
+                                   cache_dir=args.cache_dir)

@@ -15,24 +15,20 @@ from __future__ import annotations
 import json
 import sys
 
-from bench_common import real_data_parser
+from bench_common import case_registrar, real_cases, real_data_parser
 
-from neural_bone_reg import BoneRegistrar
-from neural_bone_reg.core.bench import bench_cases, bench_trial
+from neural_bone_reg.core.bench import bench_trial
 from neural_bone_reg.core.errors import InputError
-from neural_bone_reg.core.io import load_cloud
 
 
 def main() -> int:
     """Register every cloud to every other bone and count acceptances."""
     args = real_data_parser(__doc__, trials=3, perturbation=True).parse_args()
 
-    cases = bench_cases(args.data, args.cases)
-    clouds = {case: load_cloud(args.data / f'{case}.xyz') for case in cases}
+    cases, clouds = real_cases(args)
     rows = []
     for bone in cases:
-        reg = BoneRegistrar.from_mesh(args.data / f'{bone}.stl', device=args.device,
-                                      cache_dir=args.cache_dir)
+        reg = case_registrar(args, bone)
         for source in cases:
             if source == bone:
                 continue

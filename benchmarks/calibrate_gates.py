@@ -24,24 +24,23 @@ leave-one-case-out (chosen on the other cases, scored on the held-out one), then
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 import itertools
 import json
 from pathlib import Path
 import sys
 
-from bench_common import real_data_parser
+from bench_common import case_registrar, real_cases, real_data_parser
 import numpy as np
 
 from neural_bone_reg import BoneRegistrar
 from neural_bone_reg.core import metrics
-from neural_bone_reg.core.bench import (_scoring_points, bench_cases, bench_trial, floor_of_case,
-                                        icp_floor, mahalanobis_sq, pose_error)
+from neural_bone_reg.core.bench import (_scoring_points, bench_trial, floor_of_case, icp_floor,
+                                        mahalanobis_sq, pose_error)
 from neural_bone_reg.core.confidence import (CHI2_95_6DOF, cluster_labels, covariance_terms,
                                              noise_level, precision_bounds)
 from neural_bone_reg.core.config import RegistrationConfig
 from neural_bone_reg.core.errors import InputError
-from neural_bone_reg.core.io import load_cloud
 from neural_bone_reg.core.refine import linearise
 from neural_bone_reg.core.se3 import apply_transform
 
@@ -58,14 +57,10 @@ LENGTHS_MM = (10.0, 20.0, 30.0, 50.0)
 
 def collect(args) -> list[dict]:
     """Register every (bone, cloud, protocol, trial) and return one row each."""
-    cases = bench_cases(args.data, args.cases)
-    clouds = {case: load_cloud(args.data / f'{case}.xyz') for case in cases}
+    cases, clouds = real_cases(args)
     rows = []
     for bone in cases:
-        reg = BoneRegistrar.from_mesh(args.data / f'{bone}.stl', device=args.device,
-                                      cache_dir=args.cache_dir)
-        scale = reg.config.covariance_scale
-        reg = reg.with_config(replace(reg.config, covariance_scale=1.0))
+        reg = case_registrar(args, bone)
         case_floor = floor_of_case(reg, clouds[bone]).transform
         for source in cases:
             protocols = PROTOCOLS if source == bone else WRONG_BONE_PROTOCOLS
@@ -74,8 +69,7 @@ def collect(args) -> list[dict]:
                 for trial in range(args.trials):
                     moved, truth = bench_trial(clouds[source], args.seed, trial, noise, patch)
                     row = {'bone': bone, 'cloud': source, 'protocol': name, 'trial': trial,
-                           'right_bone': source == bone, 'n_points': len(moved),
-                           'default_covariance_scale': scale}
+                           'right_bone': source == bone, 'n_points': len(moved)}
                     try:
                         res = reg.register(moved)
                     except InputError as exc:
