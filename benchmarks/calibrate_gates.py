@@ -116,11 +116,11 @@ def _terms(reg: BoneRegistrar, moved: np.ndarray, transform: np.ndarray) -> dict
     labels, count = cluster_labels(lin.surface_points, cfg.cluster_mm)
     out = {'noise_level_mm': noise_level(lin.residual, labels, count),
            'target': apply_transform(transform, reg.validate(moved)).mean(axis=0).tolist()}
-    for length in LENGTHS_MM:
+    for length in LENGTHS_MM:  # the sandwich does not depend on the length
         sandwich, unit = covariance_terms(lin.points, lin.normals, lin.residual, lin.weight,
                                           labels, count, length)
-        out['sandwich'] = sandwich.tolist()
         out[f'unit_systematic_{length:g}'] = unit.tolist()
+    out['sandwich'] = sandwich.tolist()
     return out
 
 
@@ -152,16 +152,11 @@ GROUPS = {'full': ('full',), 'noise': ('noise2', 'noise4'),
 def judge(rows: list[dict], setting: Setting, cfg: RegistrationConfig) -> list[dict]:
     """Return per row: accepted (every gate, as the registrar's), correct, covered (95 %)."""
     out = []
-    cache: dict[int, tuple] = {}
     for row in rows:
-        key = id(row)
-        if key not in cache:
-            cov = setting.covariance(row)
-            bounds = precision_bounds(cov, np.asarray(row['target']))
-            m2 = (mahalanobis_sq(cov, np.asarray(row['delta_case_floor']))
-                  if row['right_bone'] else float('nan'))
-            cache[key] = (bounds, m2)
-        bounds, m2 = cache[key]
+        cov = setting.covariance(row)
+        bounds = precision_bounds(cov, np.asarray(row['target']))
+        m2 = (mahalanobis_sq(cov, np.asarray(row['delta_case_floor']))
+              if row['right_bone'] else float('nan'))
         accepted = (bounds.bound_mm <= cfg.gate_max_bound_mm
                     and bounds.bound_deg <= cfg.gate_max_bound_deg
                     and row['uniqueness_z'] >= setting.min_z

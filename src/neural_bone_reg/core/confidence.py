@@ -117,7 +117,7 @@ def uniqueness_z(best: np.ndarray, alternative: np.ndarray, labels: np.ndarray,
 def pose_covariance(points: np.ndarray, normals: np.ndarray, residual: np.ndarray,
                     weight: np.ndarray, labels: np.ndarray, n_clusters: int, *,
                     scale: float = 1.0, systematic_mm: float = 0.0,
-                    correlation_mm: float = 25.0) -> np.ndarray:
+                    correlation_mm: float = 50.0) -> np.ndarray:
     """Return the (6, 6) covariance of the pose error (see the module doc) of a converged fit.
 
     ``points`` are the matched cloud points in the bone frame (M, 3), ``normals`` the surface

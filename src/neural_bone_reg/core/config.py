@@ -325,9 +325,6 @@ class RegistrationConfig:
         _check(self.final_candidates <= min(self.fine_top_k, self.patch_fine_top_k),
                'registration.final_candidates must be in [1, min(fine_top_k, patch_fine_top_k)='
                f'{min(self.fine_top_k, self.patch_fine_top_k)}], got {self.final_candidates}')
-        _check(self.final_candidates <= self.fine_top_k,
-               f'registration.final_candidates must be in [1, fine_top_k={self.fine_top_k}], '
-               f'got {self.final_candidates}')
         _check(self.min_points <= self.max_points,
                f'registration.min_points must be in [3, max_points={self.max_points}], '
                f'got {self.min_points}')
@@ -406,8 +403,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   final_candidates=8, optimised_share=1.0),
     # Small and quick, for tests and smoke runs.
     'fast': dict(num_hypotheses=512, coarse_iterations=60, fine_top_k=16, patch_fine_top_k=32,
-                 fine_points=512,
-                 fine_iterations=40, final_candidates=4),
+                 fine_points=512, fine_iterations=40, final_candidates=4),
 }
 
 
