@@ -12,7 +12,8 @@ truth on the whole cloud), so that any covariance setting can be scored without 
 again.
 
 ``--analyse`` scores a grid of settings (covariance scale, systematic offset, its correlation
-length, its growth with noise, uniqueness gate) with the registrar's gates: a setting is
+length, its growth with noise, uniqueness gate, noise-scaled residual gate) with the
+registrar's gates: a setting is
 feasible when it accepts no wrong fit, every full sweep, and its 95 % ellipsoids hold the error
 of at least 90 % of the accepted fits in each protocol group (full, noise, patch). Of the
 feasible ones it picks the one that accepts the most correct noisy and patch fits. It does so
@@ -48,7 +49,7 @@ from neural_bone_reg.core.se3 import apply_transform
 PROTOCOLS = {'full': (0.0, 0.0), 'patch60': (0.0, 60.0), 'patch40': (0.0, 40.0),
              'patch25': (0.0, 25.0), 'noise2': (2.0, 0.0), 'noise4': (4.0, 0.0)}
 #: Protocols of the wrong-bone fits (every one of them is wrong).
-WRONG_BONE_PROTOCOLS = ('full', 'patch60', 'patch40', 'patch25')
+WRONG_BONE_PROTOCOLS = ('full', 'patch60', 'patch40', 'patch25', 'noise2', 'noise4')
 #: Coverage of the 95 % ellipsoid that accepted fits must reach in every protocol group.
 MIN_COVERAGE = 0.9
 #: Correlation lengths (mm) of the systematic surface offset whose covariance terms are kept.
@@ -109,8 +110,9 @@ def collect(args) -> list[dict]:
 def _terms(reg: BoneRegistrar, moved: np.ndarray, transform: np.ndarray) -> dict:
     """Return the covariance terms of ``transform`` on ``moved``, as the registrar makes them."""
     cfg = reg.config
-    _, icp_pts = _scoring_points(reg, moved)
-    lin = linearise(reg.surface, apply_transform(transform, icp_pts), cfg.robust_scale_mm)
+    pts, icp_pts = _scoring_points(reg, moved)
+    fit_pts = reg._fit_points(pts, icp_pts, transform[:3, :3], transform[:3, 3])
+    lin = linearise(reg.surface, apply_transform(transform, fit_pts), cfg.robust_scale_mm)
     if lin is None:
         return {}
     labels, count = cluster_labels(lin.surface_points, cfg.cluster_mm)
@@ -126,13 +128,14 @@ def _terms(reg: BoneRegistrar, moved: np.ndarray, transform: np.ndarray) -> dict
 
 @dataclass(frozen=True)
 class Setting:
-    """One candidate calibration: covariance model and uniqueness gate."""
+    """One candidate calibration: covariance model, uniqueness gate, noise-scaled residual."""
 
     scale: float
     systematic_mm: float
     length_mm: float
     noise_bias: float
     min_z: float
+    residual_factor: float = 0.0
 
     def covariance(self, row: dict) -> np.ndarray:
         """Return the covariance this setting gives the row's fit (as the registrar would)."""
@@ -142,28 +145,45 @@ class Setting:
 
 
 GRID = [Setting(*values) for values in itertools.product(
-    (1.0, 2.0, 3.0, 4.0), (0.0, 0.25, 0.5, 0.75), LENGTHS_MM, (0.0, 0.05, 0.1, 0.15),
-    (3.0, 4.0, 5.0, 6.0))]
+    (1.0, 2.0, 3.0, 4.0), (0.0, 0.25, 0.5, 0.75), LENGTHS_MM,
+    (0.0, 0.025, 0.05, 0.075, 0.1, 0.15), (3.0, 4.0, 5.0, 6.0), (0.0, 0.6, 0.7, 0.8))]
 #: Protocol groups over which coverage must hold on its own.
 GROUPS = {'full': ('full',), 'noise': ('noise2', 'noise4'),
           'patch': ('patch60', 'patch40', 'patch25')}
 
 
-def judge(rows: list[dict], setting: Setting, cfg: RegistrationConfig) -> list[dict]:
-    """Return per row: accepted (every gate, as the registrar's), correct, covered (95 %)."""
+def judge(rows: list[dict], setting: Setting, cfg: RegistrationConfig,
+          cache: dict | None = None) -> list[dict]:
+    """Return per row: accepted (every gate, as the registrar's), correct, covered (95 %).
+
+    ``cache`` keeps each row's bounds and Mahalanobis^2 per covariance model, which the gates
+    (``min_z``, ``residual_factor``) do not change.
+    """
+    key = (setting.scale, setting.systematic_mm, setting.length_mm, setting.noise_bias)
+    if cache is None or key not in cache:
+        measured = []
+        for row in rows:
+            cov = setting.covariance(row)
+            bounds = precision_bounds(cov, np.asarray(row['target']))
+            m2 = (mahalanobis_sq(cov, np.asarray(row['delta_case_floor']))
+                  if row['right_bone'] else float('nan'))
+            measured.append((bounds, m2))
+        if cache is not None:
+            cache[key] = measured
+    else:
+        measured = cache[key]
     out = []
-    for row in rows:
-        cov = setting.covariance(row)
-        bounds = precision_bounds(cov, np.asarray(row['target']))
-        m2 = (mahalanobis_sq(cov, np.asarray(row['delta_case_floor']))
-              if row['right_bone'] else float('nan'))
+    for row, (bounds, m2) in zip(rows, measured):
+        residual_limit = max(cfg.gate_max_residual_mm,
+                             setting.residual_factor * row['noise_level_mm'])
         accepted = (bounds.bound_mm <= cfg.gate_max_bound_mm
                     and bounds.bound_deg <= cfg.gate_max_bound_deg
                     and row['uniqueness_z'] >= setting.min_z
-                    and row['residual_mm'] <= cfg.gate_max_residual_mm
+                    and row['residual_mm'] <= residual_limit
                     and row['inlier_fraction'] >= cfg.gate_min_inlier_fraction)
         out.append({'row': row, 'accepted': accepted, 'correct': row['correct'],
-                    'covered': m2 <= CHI2_95_6DOF, 'bound_mm': bounds.bound_mm})
+                    'covered': m2 <= CHI2_95_6DOF, 'bound_mm': bounds.bound_mm,
+                    'bound_deg': bounds.bound_deg})
     return out
 
 
@@ -189,9 +209,9 @@ def feasible(result: dict) -> bool:
 
 def choose(rows: list[dict], cfg: RegistrationConfig) -> tuple[Setting, dict] | None:
     """Return the feasible setting that accepts the most correct fits (None if none is)."""
-    best = None
+    best, cache = None, {}
     for setting in GRID:
-        result = score(judge(rows, setting, cfg))
+        result = score(judge(rows, setting, cfg, cache))
         if not feasible(result):
             continue
         gain = result['noise']['accepted_correct'] + result['patch']['accepted_correct']
@@ -215,7 +235,8 @@ def analyse(rows: list[dict]) -> None:
           f"{sum(r['correct'] for r in done)} correct, {sum(not r['correct'] for r in done)} "
           f"wrong ({sum(not r['right_bone'] for r in done)} on another bone)")
     current = Setting(cfg.covariance_scale, cfg.systematic_error_mm, cfg.systematic_length_mm,
-                      cfg.systematic_noise_gain, cfg.gate_min_uniqueness_z)
+                      cfg.systematic_noise_gain, cfg.gate_min_uniqueness_z,
+                      cfg.gate_residual_noise_factor)
     print(f'\nthe configured setting {current}:\n  {_line(score(judge(done, current, cfg)))}')
     print('\nleave one case out (chosen on the other cases, their clouds on every bone; '
           'scored on the held-out bone):')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -56,3 +57,21 @@ def test_no_setting_is_feasible_when_a_wrong_fit_is_unique_and_precise(calibrate
     rows = [_row(calibrate, 'full'),
             _row(calibrate, 'full', right_bone=False, correct=False, z=50.0, cloud='b')]
     assert calibrate.choose(rows, RegistrationConfig()) is None
+
+
+def test_the_noise_scaled_residual_gate_admits_noisy_fits_but_never_a_wrong_one(calibrate):
+    noisy = _row(calibrate, 'noise4')
+    noisy.update(residual_mm=2.6, noise_level_mm=4.0)  # 0.65 x its noise: only >= 0.7 admits
+    rows = [_row(calibrate, 'full'), noisy]
+    cfg = RegistrationConfig()
+    setting, result = calibrate.choose(rows, cfg)
+    assert setting.residual_factor >= 0.7 and result['noise']['accepted_correct'] == 1
+    fixed = dataclasses.replace(setting, residual_factor=0.0)
+    assert calibrate.score(calibrate.judge(rows, fixed, cfg))['noise']['accepted_correct'] == 0
+    # A wrong fit as unique and precise, whose residual is 0.6 x its noise, bars every factor
+    # that would admit the noisy fit.
+    wrong = _row(calibrate, 'noise4', right_bone=False, correct=False, cloud='b')
+    wrong.update(residual_mm=2.4, noise_level_mm=4.0)
+    setting, result = calibrate.choose(rows + [wrong], cfg)
+    assert setting.residual_factor < 0.6 and result['wrong_accepted'] == 0
+    assert result['noise']['accepted_correct'] == 0

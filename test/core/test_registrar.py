@@ -170,3 +170,37 @@ def test_a_short_sweep_carries_more_hypotheses_to_the_fine_stage(phantom_registr
     assert extent < SHORT_SWEEP_FRACTION * phantom_registrar._bone_diagonal
     patch = phantom_registrar._prepare(near)
     assert patch.is_short and phantom_registrar._top_k(patch) == cfg.patch_fine_top_k
+
+
+@pytest.mark.parametrize('noise_mm, polished_on_all', [(0.3, False), (3.0, True)])
+def test_a_noisy_cloud_is_polished_and_judged_on_all_its_points(
+        phantom_registrar, phantom_mesh, noise_mm, polished_on_all):
+    from neural_bone_reg.core.registrar import ICP_POINTS, NOISY_CLOUD_MM
+
+    rng = np.random.default_rng(4)
+    surface = np.asarray(phantom_mesh.sample(3 * ICP_POINTS, seed=4))
+    cloud = surface + rng.normal(scale=noise_mm, size=surface.shape)
+    prep = phantom_registrar._prepare(cloud)
+    assert len(prep.icp_points) == ICP_POINTS < len(prep.points)
+    chosen = phantom_registrar._fit_points(prep.points, prep.icp_points, np.eye(3), np.zeros(3))
+    assert (chosen is prep.points) == polished_on_all
+    assert (chosen is prep.icp_points) != polished_on_all
+    res = phantom_registrar.register(cloud)
+    assert (res.noise_mm > NOISY_CLOUD_MM) == polished_on_all, res.noise_mm
+
+
+def test_the_residual_gate_grows_with_the_measured_noise(phantom_registrar):
+    from dataclasses import replace
+
+    fixed = phantom_registrar.config.gate_max_residual_mm
+    reg = phantom_registrar.with_config(replace(phantom_registrar.config,
+                                                gate_residual_noise_factor=0.7))
+    assert reg.residual_limit(1.0) == fixed  # a clean cloud keeps the fixed gate
+    assert reg.residual_limit(4.0) == pytest.approx(2.8)
+    assert reg.residual_limit(float('nan')) == fixed  # unmeasured noise earns nothing
+    assert reg._fit_reasons(2.5, 0.9, 4.0) == []
+    (reason,) = reg._fit_reasons(2.5, 0.9, 3.0)
+    assert 'residual 2.50 mm > 2.10 mm' in reason and 'noise 3.00 mm' in reason
+    off = phantom_registrar.with_config(replace(phantom_registrar.config,
+                                                gate_residual_noise_factor=0.0))
+    assert off.residual_limit(4.0) == fixed and off._fit_reasons(2.5, 0.9, 4.0)

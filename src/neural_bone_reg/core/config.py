@@ -233,7 +233,15 @@ class RegistrationConfig:
         doc='A stage stops when its best cost improves less than this (relative) over a window.')
     gate_max_residual_mm: float = spec(
         2.0, low=0.0, high=100.0, exclusive='low', unit='mm',
-        doc='Accept only if the mean inlier distance is at most this.')
+        doc=('Accept only if the mean inlier distance is at most this (or the noise-scaled '
+             'limit below, where larger).'))
+    gate_residual_noise_factor: float = spec(
+        0.0, low=0.0, high=10.0,
+        doc=("A noisy cloud may reach this multiple of its measured point noise as mean inlier "
+             'distance: noise spreads points about the surface, a wrong pose offsets them. 0 '
+             '(the fixed gate alone): on held-out data (benchmarks/calibrate_gates.py) 0.6 '
+             "admitted the pelvis's sweeps with 4 mm of noise, and their errors lay outside "
+             'their 95 % ellipsoids.'))
     gate_min_inlier_fraction: float = spec(
         0.6, low=0.0, high=1.0,
         doc='Accept only if at least this share of points are inliers.')
@@ -263,7 +271,7 @@ class RegistrationConfig:
         50.0, low=1.0, high=1000.0, unit='mm',
         doc='Correlation length of that offset (gaussian), mm.')
     systematic_noise_gain: float = spec(
-        0.15, low=0.0, high=10.0,
+        0.1, low=0.0, high=10.0,
         doc=("Growth of the systematic offset with the cloud's measured point noise sigma, per mm:"
              ' the offset RMS is sqrt(systematic_error_mm^2 + (systematic_noise_gain * sigma^2)^2)'
              ' mm, '

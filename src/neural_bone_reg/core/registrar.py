@@ -43,6 +43,9 @@ MAX_ANCHORS = 8
 MAX_CLOUD_TO_BONE_EXTENT = 1.5
 #: ICP runs on at most this many points of the cloud (seeded subset); scoring uses all.
 ICP_POINTS = 3000
+#: A cloud whose measured point noise exceeds this (mm) is polished on all its points, not
+#: the ICP_POINTS subset (specimen00's whole clouds measure 1.3-1.7 mm as acquired).
+NOISY_CLOUD_MM = 2.0
 #: Successive halving in the coarse stage keeps at least this many hypotheses per fine one.
 COARSE_SURVIVORS_PER_FINE = 4
 #: Candidates are refined on this many of the ICP points; the winner then on all of them.
@@ -417,7 +420,30 @@ class BoneRegistrar:
         if len(subset) < len(icp_pts):
             distinct[0] = self._candidate(prep, icp_pts, distinct[0].rotation,
                                           distinct[0].translation)
+        fit_pts = self._fit_points(prep.points, icp_pts, distinct[0].rotation,
+                                   distinct[0].translation)
+        if fit_pts is not icp_pts:
+            distinct[0] = self._candidate(prep, fit_pts, distinct[0].rotation,
+                                          distinct[0].translation)
         return distinct
+
+    def _fit_points(self, points: np.ndarray, icp_pts: np.ndarray, rotation: np.ndarray,
+                    translation: np.ndarray) -> np.ndarray:
+        """Return the points the winner's final fit and covariance use: ``icp_pts``, or all.
+
+        A noisy cloud (measured point noise above ``NOISY_CLOUD_MM`` on ``icp_pts`` at the
+        pose) is polished on all its ``points``: on specimen00 with 2 mm of added noise, ICP from
+        the truth on 20,000 points lands about half as far from the clean optimum as on 3,000.
+        """
+        if len(points) <= len(icp_pts):
+            return icp_pts
+        lin = linearise(self.surface, icp_pts @ rotation.T + translation,
+                        self.config.robust_scale_mm)
+        if lin is None:
+            return icp_pts
+        labels, n_clusters = cluster_labels(lin.surface_points, self.config.cluster_mm)
+        noisy = noise_level(lin.residual, labels, n_clusters) > NOISY_CLOUD_MM
+        return points if noisy else icp_pts
 
     def _candidate(self, prep: '_Prepared', icp_pts: np.ndarray, rotation: np.ndarray,
                    translation: np.ndarray) -> '_Candidate':
@@ -429,7 +455,8 @@ class BoneRegistrar:
             rotation, translation = icp.rotation, icp.translation
         dist = self.surface.distances(prep.points @ rotation.T + translation)
         truncated = np.minimum(dist, cfg.inlier_threshold_mm)
-        return _Candidate(float(truncated.mean()), rotation, translation, dist, truncated)
+        return _Candidate(float(truncated.mean()), rotation, translation, dist, truncated,
+                          icp_pts)
 
     def _assess(self, prep: '_Prepared', refined: list['_Candidate']) -> RegistrationResult:
         """Judge the best candidate: fit, uniqueness, covariance, precision; say why not."""
@@ -439,14 +466,14 @@ class BoneRegistrar:
         moved = pts @ best.rotation.T + best.translation
         residual, inlier_fraction = self._fit_quality(best.distances)
         # The covariance of the estimate ICP made: from the points ICP used.
-        lin = linearise(self.surface, prep.icp_points @ best.rotation.T + best.translation,
+        lin = linearise(self.surface, best.icp_points @ best.rotation.T + best.translation,
                         cfg.robust_scale_mm)
-        reasons = self._fit_reasons(residual, inlier_fraction)
         use_target = cfg.precision_at_target
         target = (np.asarray(cfg.precision_target_mm, dtype=np.float64) if use_target
                   else moved.mean(axis=0))
         constraint = constraint_from_linearisation(lin)
         covariance, precision, noise = self._covariance(lin, target)
+        reasons = self._fit_reasons(residual, inlier_fraction, noise)
         # Uniqueness: the best against the best distinct alternative, cluster by cluster.
         alternative, ambiguity, z_score, margin = None, 0.0, float('inf'), float('nan')
         if len(refined) > 1:
@@ -571,7 +598,7 @@ class BoneRegistrar:
             lin.distances(self.surface) if reuse else self.surface.distances(moved))
         constraint = constraint_from_linearisation(lin)
         covariance, precision, noise = self._covariance(lin, centroid @ rot.T + tr)
-        reasons = self._fit_reasons(residual, inlier_fraction)
+        reasons = self._fit_reasons(residual, inlier_fraction, noise)
         reasons += self._precision_reasons(precision)
         if not icp.last_step_mm <= TRACK_MAX_LAST_STEP_MM:  # inf: ICP lost the surface
             reasons.append(f'tracking ICP did not settle: still moving '
@@ -600,12 +627,28 @@ class BoneRegistrar:
         residual = float(dist[inliers].mean()) if inliers.any() else float('inf')
         return residual, float(inliers.mean())
 
-    def _fit_reasons(self, residual: float, inlier_fraction: float) -> list[str]:
+    def residual_limit(self, noise_mm: float) -> float:
+        """Return the largest mean inlier distance (mm) accepted for a cloud of this noise.
+
+        ``gate_max_residual_mm``, or ``gate_residual_noise_factor`` times the measured noise
+        where that is larger: noise alone spreads points off the surface, an offset does not
+        come from noise (the noise is measured about each cluster's own mean residual).
+        """
+        cfg = self.config
+        scaled = cfg.gate_residual_noise_factor * noise_mm
+        return max(cfg.gate_max_residual_mm, scaled) if np.isfinite(scaled) else \
+            cfg.gate_max_residual_mm
+
+    def _fit_reasons(self, residual: float, inlier_fraction: float,
+                     noise_mm: float) -> list[str]:
         """Return why the fit itself fails the gates (empty when it passes them)."""
         cfg = self.config
         reasons = []
-        if residual > cfg.gate_max_residual_mm:
-            reasons.append(f'residual {residual:.2f} mm > {cfg.gate_max_residual_mm} mm')
+        limit = self.residual_limit(noise_mm)
+        if residual > limit:
+            reasons.append(f'residual {residual:.2f} mm > {limit:.2f} mm (gate: the larger of '
+                           f'{cfg.gate_max_residual_mm} mm and {cfg.gate_residual_noise_factor} '
+                           f'x the measured noise {noise_mm:.2f} mm)')
         if inlier_fraction < cfg.gate_min_inlier_fraction:
             reasons.append(f'inlier fraction {inlier_fraction:.2f} < '
                            f'{cfg.gate_min_inlier_fraction}')
@@ -771,6 +814,8 @@ class _Candidate:
     translation: np.ndarray
     distances: np.ndarray
     truncated: np.ndarray
+    icp_points: np.ndarray
+    """The points ICP refined it on (their linearisation gives the covariance)."""
 
 
 def _rotations_onto(source: np.ndarray, targets: np.ndarray) -> np.ndarray:
