@@ -179,11 +179,12 @@ class RegistrationConfig:
         32, low=1,
         doc='Hypotheses carried from the coarse to the fine stage.')
     patch_fine_top_k: int = spec(
-        64, low=1,
+        96, low=1,
         doc=('Hypotheses carried from the coarse to the fine stage for a short sweep (a cloud '
              "narrower than 0.8 of the bone's diagonal). A patch has more near-equal optima than"
              ' a full sweep: with 32, 2 of 30 patches of specimen00 (60 and 40 mm) missed the '
-             'best one.'))
+             'best one; with 64, one 60 mm patch still did on another machine (its floating '
+             'point took another path).'))
     fine_points: int = spec(
         512, low=8, high=1_000_000,
         doc='Cloud points scored per hypothesis in the fine stage.')
