@@ -64,8 +64,8 @@ TINY_UDF = {'hidden_dim': 32, 'num_hidden_layers': 2}
 TINY_TRAIN = {'iterations': 60, 'batch_size': 512, 'num_samples': 5_000, 'grid_voxel_mm': 4.0,
               'num_surface_points': 2_000}
 TINY_REGISTRATION = {'num_hypotheses': 64, 'coarse_iterations': 6, 'coarse_prune_every': 3,
-                     'fine_top_k': 8, 'fine_points': 256, 'fine_iterations': 5,
-                     'final_candidates': 2, 'refine_iterations': 5}
+                     'fine_top_k': 8, 'patch_fine_top_k': 16, 'fine_points': 256,
+                     'fine_iterations': 5, 'final_candidates': 2, 'refine_iterations': 5}
 TINY_TRACK_FRAMES = 3
 
 

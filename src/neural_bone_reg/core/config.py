@@ -238,7 +238,7 @@ class RegistrationConfig:
              'limit below, where larger).'))
     gate_residual_noise_factor: float = spec(
         0.0, low=0.0, high=10.0,
-        doc=("A noisy cloud may reach this multiple of its measured point noise as mean inlier "
+        doc=('A noisy cloud may reach this multiple of its measured point noise as mean inlier '
              'distance: noise spreads points about the surface, a wrong pose offsets them. 0 '
              '(the fixed gate alone): on held-out data (benchmarks/calibrate_gates.py) 0.6 '
              "admitted the pelvis's sweeps with 4 mm of noise, and their errors lay outside "
