@@ -646,9 +646,10 @@ class BoneRegistrar:
         reasons = []
         limit = self.residual_limit(noise_mm)
         if residual > limit:
-            reasons.append(f'residual {residual:.2f} mm > {limit:.2f} mm (gate: the larger of '
-                           f'{cfg.gate_max_residual_mm} mm and {cfg.gate_residual_noise_factor} '
-                           f'x the measured noise {noise_mm:.2f} mm)')
+            scaled = (f' (gate: the larger of {cfg.gate_max_residual_mm} mm and '
+                      f'{cfg.gate_residual_noise_factor} x the measured noise {noise_mm:.2f} mm)'
+                      if cfg.gate_residual_noise_factor > 0.0 else '')
+            reasons.append(f'residual {residual:.2f} mm > {limit:.2f} mm{scaled}')
         if inlier_fraction < cfg.gate_min_inlier_fraction:
             reasons.append(f'inlier fraction {inlier_fraction:.2f} < '
                            f'{cfg.gate_min_inlier_fraction}')
