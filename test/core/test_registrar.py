@@ -205,3 +205,19 @@ def test_the_residual_gate_grows_with_the_measured_noise(phantom_registrar):
                                                 gate_residual_noise_factor=0.0))
     assert off.residual_limit(4.0) == fixed
     assert off._fit_reasons(2.5, 0.9, 4.0) == [f'residual 2.50 mm > {fixed:.2f} mm']
+
+
+def test_uniqueness_is_measured_against_a_distinct_pose_even_when_refined_ones_collapse(
+        phantom_registrar, phantom_mesh):
+    from dataclasses import replace
+
+    # One refined candidate has no alternative: further candidates are refined until one stays
+    # distinct, so uniqueness is measured (it was inf, a free pass, when every refined
+    # candidate converged to one pose: the mirror-image femur passed it so).
+    reg = phantom_registrar.with_config(replace(phantom_registrar.config, refined_candidates=1))
+    rng = np.random.default_rng(0)
+    cloud = sim.simulate_partial_cloud(phantom_mesh, rng, coverage=0.3, noise_mm=1.0,
+                                       outlier_fraction=0.05, n_points=2000)
+    res = reg.register(cloud)
+    assert res.candidates_refined == 2 and res.alternative_transform is not None
+    assert np.isfinite(res.uniqueness_z) and res.uniqueness_z >= reg.config.gate_min_uniqueness_z

@@ -417,6 +417,16 @@ class BoneRegistrar:
             if all(self._is_distinct(cand.rotation, cand.translation, kept.rotation,
                                      kept.translation, prep.centroid) for kept in distinct):
                 distinct.append(cand)
+        # All of them converged to one pose: refine further candidates until one stays
+        # distinct, so the uniqueness test has an alternative to measure (else it is unmeasured).
+        for rot, tr in candidates[len(refined):]:
+            if len(distinct) > 1:
+                break
+            cand = self._candidate(prep, subset, rot, tr)
+            if self._is_distinct(cand.rotation, cand.translation, distinct[0].rotation,
+                                 distinct[0].translation, prep.centroid):
+                distinct.append(cand)
+                distinct.sort(key=lambda item: item.cost)
         if len(subset) < len(icp_pts):
             distinct[0] = self._candidate(prep, icp_pts, distinct[0].rotation,
                                           distinct[0].translation)
