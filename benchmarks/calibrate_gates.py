@@ -43,6 +43,7 @@ from neural_bone_reg.core.confidence import (CHI2_95_6DOF, cluster_labels, covar
 from neural_bone_reg.core.config import RegistrationConfig
 from neural_bone_reg.core.errors import InputError
 from neural_bone_reg.core.refine import linearise
+from neural_bone_reg.core.registrar import noise_scaled_limit
 from neural_bone_reg.core.se3 import apply_transform
 
 #: (noise mm, patch mm) of each protocol.
@@ -174,8 +175,8 @@ def judge(rows: list[dict], setting: Setting, cfg: RegistrationConfig,
         measured = cache[key]
     out = []
     for row, (bounds, m2) in zip(rows, measured):
-        residual_limit = max(cfg.gate_max_residual_mm,
-                             setting.residual_factor * row['noise_level_mm'])
+        residual_limit = noise_scaled_limit(cfg.gate_max_residual_mm, setting.residual_factor,
+                                            row['noise_level_mm'])
         accepted = (bounds.bound_mm <= cfg.gate_max_bound_mm
                     and bounds.bound_deg <= cfg.gate_max_bound_deg
                     and row['uniqueness_z'] >= setting.min_z

@@ -645,9 +645,8 @@ class BoneRegistrar:
         come from noise (the noise is measured about each cluster's own mean residual).
         """
         cfg = self.config
-        scaled = cfg.gate_residual_noise_factor * noise_mm
-        return max(cfg.gate_max_residual_mm, scaled) if np.isfinite(scaled) else \
-            cfg.gate_max_residual_mm
+        return noise_scaled_limit(cfg.gate_max_residual_mm, cfg.gate_residual_noise_factor,
+                                  noise_mm)
 
     def _fit_reasons(self, residual: float, inlier_fraction: float,
                      noise_mm: float) -> list[str]:
@@ -842,6 +841,12 @@ def _rotations_onto(source: np.ndarray, targets: np.ndarray) -> np.ndarray:
         axis[opposite] = perpendicular / np.linalg.norm(perpendicular)
     angle = np.arctan2(sine, cosine)
     return Rotation.from_rotvec(axis * angle[:, None]).as_matrix()
+
+
+def noise_scaled_limit(fixed_mm: float, factor: float, noise_mm: float) -> float:
+    """Return ``max(fixed_mm, factor * noise_mm)``; ``fixed_mm`` where the noise is unmeasured."""
+    scaled = factor * noise_mm
+    return max(fixed_mm, scaled) if np.isfinite(scaled) else fixed_mm
 
 
 def _bound(precision: Precision | None, name: str) -> float:
