@@ -112,8 +112,9 @@ def _terms(reg: BoneRegistrar, moved: np.ndarray, transform: np.ndarray) -> dict
     """Return the covariance terms of ``transform`` on ``moved``, as the registrar makes them."""
     cfg = reg.config
     pts, icp_pts = _scoring_points(reg, moved)
-    fit_pts = reg._fit_points(pts, icp_pts, transform[:3, :3], transform[:3, 3])
-    lin = linearise(reg.surface, apply_transform(transform, fit_pts), cfg.robust_scale_mm)
+    fit_pts, noise_var = reg._fit_points(pts, icp_pts, transform[:3, :3], transform[:3, 3])
+    lin = linearise(reg.surface, apply_transform(transform, fit_pts), cfg.robust_scale_mm,
+                    noise_var)
     if lin is None:
         return {}
     labels, count = cluster_labels(lin.surface_points, cfg.cluster_mm)

@@ -182,9 +182,13 @@ def test_a_noisy_cloud_is_polished_and_judged_on_all_its_points(
     cloud = surface + rng.normal(scale=noise_mm, size=surface.shape)
     prep = phantom_registrar._prepare(cloud)
     assert len(prep.icp_points) == ICP_POINTS < len(prep.points)
-    chosen = phantom_registrar._fit_points(prep.points, prep.icp_points, np.eye(3), np.zeros(3))
+    chosen, noise_var = phantom_registrar._fit_points(prep.points, prep.icp_points, np.eye(3),
+                                                      np.zeros(3))
     assert (chosen is prep.points) == polished_on_all
     assert (chosen is prep.icp_points) != polished_on_all
+    # A noisy cloud is de-biased for its measured noise (about 3 mm here), a clean one not.
+    assert (noise_var == 0.0) != polished_on_all
+    assert not polished_on_all or 2.0 ** 2 < noise_var < 4.0 ** 2
     res = phantom_registrar.register(cloud)
     assert (res.noise_mm > NOISY_CLOUD_MM) == polished_on_all, res.noise_mm
 
