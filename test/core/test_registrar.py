@@ -152,6 +152,7 @@ def test_warm_up_runs_and_leaves_results_unchanged(phantom_registrar, phantom_me
     cloud = sim.simulate_partial_cloud(phantom_mesh, rng, n_points=1500)
     before = phantom_registrar.register(cloud)
     assert phantom_registrar.warm_up() > 0.0
+    assert '_mean_curvature' in vars(phantom_registrar.surface)  # noisy clouds need not wait
     after = phantom_registrar.register(cloud)
     np.testing.assert_allclose(after.transform, before.transform, atol=1e-9)
 
