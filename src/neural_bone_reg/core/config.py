@@ -279,7 +279,9 @@ class RegistrationConfig:
         doc=("Growth of the systematic offset with the cloud's measured point noise sigma, per mm:"
              ' the offset RMS is sqrt(systematic_error_mm^2 + (systematic_noise_gain * sigma^2)^2)'
              ' mm, '
-             'for noise on a curved surface biases a fit by about sigma^2 times the curvature.'))
+             'for noise on a curved surface biases a fit by about sigma^2 times the curvature: '
+             'noisy clouds are de-biased for that, and this term covers what is left and the '
+             'systematic errors that grow with the noise.'))
     gate_min_uniqueness_z: float = spec(
         6.0, low=0.0, high=1000.0,
         doc=('Accept only if the best pose fits better than the best distinct alternative by at '
