@@ -46,6 +46,9 @@ def main() -> int:
                                  'accepted': res.accepted, 'residual_mm': res.residual_mm,
                                  'inlier_fraction': res.inlier_fraction,
                                  'ambiguity': res.ambiguity,
+                                 'uniqueness_z': res.uniqueness_z,
+                                 'bound_mm': res.bound_mm, 'bound_deg': res.bound_deg,
+                                 'noise_mm': res.noise_mm,
                                  'reason': '; '.join(res.rejection_reasons)})
                 r = rows[-1]
                 print(f"{source} -> {bone} #{trial}: {'ACCEPTED' if r['accepted'] else 'rejected'}"
@@ -57,6 +60,7 @@ def main() -> int:
         per_bone[bone] = sum(r['accepted'] for r in sub)
         print(f'{bone:<28}{len(sub):>7}{per_bone[bone]:>16}')
     wrong_accepted = sum(per_bone.values())
+    _print_margins(rows)
     print(f'wrong_accepted: {wrong_accepted} of {len(rows)} wrong-bone registrations '
           f"(noise {args.noise_mm} mm, patch {args.patch_mm or 'none'} mm; target 0)")
     if args.json:
@@ -66,6 +70,20 @@ def main() -> int:
             'protocol': {'seed': args.seed, 'trials': args.trials, 'noise_mm': args.noise_mm,
                          'patch_mm': args.patch_mm}}, indent=2))
     return 0 if wrong_accepted == 0 else 1
+
+
+def _print_margins(rows: list[dict]) -> None:
+    """Print how close the wrong fits came to acceptance: the most unique, the most precise."""
+    fits = [r for r in rows if 'uniqueness_z' in r]
+    if not fits:
+        return
+    unique = max(fits, key=lambda r: (r['uniqueness_z'] if r['uniqueness_z'] == r['uniqueness_z']
+                                      else float('-inf')))
+    precise = min(fits, key=lambda r: max(r['bound_mm'], r['bound_deg']))
+    for label, r in (('most unique', unique), ('most precise', precise)):
+        print(f"{label} wrong fit: {r['cloud']} -> {r['bone']} #{r['trial']}: uniqueness z "
+              f"{r['uniqueness_z']:.2f}, 95 % bounds {r['bound_mm']:.2f} mm / "
+              f"{r['bound_deg']:.2f} deg, noise {r['noise_mm']:.2f} mm")
 
 
 if __name__ == '__main__':

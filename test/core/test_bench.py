@@ -188,6 +188,8 @@ class _Result:
     covariance: np.ndarray | None = None
     bound_mm: float | None = None
     bound_deg: float | None = None
+    uniqueness_z: float | None = None
+    noise_mm: float | None = None
 
 
 class _StandIn(BoneRegistrar):
@@ -315,8 +317,10 @@ def test_coverage_against_both_floors(stand_in_case):
         floor = bench.icp_floor(reg, moved, truth)
         estimate = se3_exp(-scale * delta) @ floor.transform
         reg.answer = _Result(estimate, accepted=accepted, covariance=_COVARIANCE,
-                             bound_mm=float(trial), bound_deg=0.5)
+                             bound_mm=float(trial), bound_deg=0.5, uniqueness_z=7.5 + trial,
+                             noise_mm=1.25)
         row = bench.run_trial(reg, cloud, 0, trial, case_floor=case)
+        assert row['uniqueness_z'] == 7.5 + trial and row['measured_noise_mm'] == 1.25
         np.testing.assert_allclose(row['delta_trial_floor'], scale * delta, atol=1e-9)
         assert row['mahalanobis2_trial_floor'] == pytest.approx(6.0 * scale ** 2)
         assert row['inside95_trial_floor'] == (6.0 * scale ** 2 <= bench.CHI2_6DOF_95)

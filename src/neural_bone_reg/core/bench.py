@@ -260,7 +260,7 @@ def evaluate_trial(registrar: Any, moved: np.ndarray, truth: np.ndarray, *,
                    same_optimum=False, rre_deg=None, rte_mm=None, time_s=None,
                    mahalanobis2_trial_floor=None, mahalanobis2_case_floor=None,
                    inside95_trial_floor=None, inside95_case_floor=None, bound_mm=None,
-                   bound_deg=None)
+                   bound_deg=None, uniqueness_z=None, measured_noise_mm=None)
         return row
     rre = metrics.rre_deg(res.transform, truth)
     rte = metrics.rte_mm(res.transform, truth, moved)
@@ -302,6 +302,8 @@ def evaluate_trial(registrar: Any, moved: np.ndarray, truth: np.ndarray, *,
         'inside95_case_floor': case_cov['inside95'],
         'bound_mm': _optional_float(getattr(res, 'bound_mm', None)),
         'bound_deg': _optional_float(getattr(res, 'bound_deg', None)),
+        'uniqueness_z': _optional_float(getattr(res, 'uniqueness_z', None)),
+        'measured_noise_mm': _optional_float(getattr(res, 'noise_mm', None)),
     })
     return row
 
