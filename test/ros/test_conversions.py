@@ -270,7 +270,8 @@ class _FakeSensorMsgsPy:
 
 @pytest.mark.parametrize('layout, used', [
     (dict(), True),
-    (dict(float_type='f8', big_endian=True), True),
+    (dict(float_type='f8'), True),
+    (dict(float_type='f8', big_endian=True), False),  # it would swap msg.data in place
     (dict(extra=np.zeros(48), order=('z', 'x', 'y'), point_step=32), True),
     (dict(height=4, row_padding=3), False),  # read_points_numpy ignores row padding
 ])
@@ -348,6 +349,30 @@ def test_duplicate_field_names_are_refused(points):
 def test_repeated_padding_names_are_fine(points):
     msg = _cloud(points, point_step=20)
     msg.fields += _xyz_fields(('_', 12, PointField.UINT8, 4), ('_', 16, PointField.UINT8, 4))
+    np.testing.assert_allclose(cloud_to_xyz(msg, unit='m'), points, atol=1e-7)
+
+
+@pytest.mark.parametrize('big_endian', [False, True])
+def test_reading_leaves_the_message_unchanged(points, big_endian):
+    # sensor_msgs_py byteswaps a cloud of the other byte order in place, in msg.data itself,
+    # which other subscribers and a recorder share: such clouds must not go through it.
+    msg = _cloud(points, big_endian=big_endian)
+    before = bytes(msg.data)
+    np.testing.assert_allclose(cloud_to_xyz(msg, unit='m'), points, atol=1e-7)
+    assert bytes(msg.data) == before
+
+
+# sensor_msgs_py's dtype_from_fields asserts on each of these layouts (a repeated column name,
+# a field of count 0); where it is installed the cloud must still be read, by the fallback.
+@pytest.mark.parametrize('extra', [
+    (('_', 12, PointField.UINT8, 1), ('_', 13, PointField.UINT8, 1)),
+    (('rgb', 12, PointField.UINT8, 2), ('rgb_0', 14, PointField.UINT8, 1)),
+    (('', 12, PointField.UINT8, 1), ('unnamed_field_3', 13, PointField.UINT8, 1)),
+    (('pad', 12, PointField.UINT8, 0),),
+])
+def test_layouts_that_sensor_msgs_py_asserts_on_are_read(points, extra):
+    msg = _cloud(points, point_step=20)
+    msg.fields += _xyz_fields(*extra)
     np.testing.assert_allclose(cloud_to_xyz(msg, unit='m'), points, atol=1e-7)
 
 

@@ -287,13 +287,35 @@ def byteswapped_xyz(msg: PointCloud2, *, unit: str = DEFAULT_UNIT) -> np.ndarray
 def _sensor_msgs_py_can_read(msg: PointCloud2) -> bool:
     """Tell whether ``read_points_numpy`` reads ``msg`` right.
 
-    It ignores row padding and insists that the first field of the cloud has the same datatype
-    as the fields read, so such clouds go to the fallback instead.
+    It ignores row padding, insists that the first field of the cloud has the same datatype
+    as the fields read, asserts on any field of count 0 or on a repeated column name (the
+    padding ``_`` that check_layout allows twice, or ``rgb`` of count 2 beside ``rgb_0``), and
+    swaps a cloud of the other byte order in place, in the message's own buffer (which other
+    subscribers and a recorder share). Such clouds go to the fallback instead.
     """
     by_name = {field.name: field.datatype for field in msg.fields}
     kinds = {by_name[name] for name in XYZ}
-    return (msg.row_step == msg.width * msg.point_step and len(kinds) == 1
-            and msg.fields[0].datatype in kinds)
+    native = bool(msg.is_bigendian) == (sys.byteorder == 'big')
+    return (native and msg.row_step == msg.width * msg.point_step and len(kinds) == 1
+            and msg.fields[0].datatype in kinds and _columns_unique(msg.fields))
+
+
+def _columns_unique(fields) -> bool:
+    """Tell whether sensor_msgs_py's dtype_from_fields names every column of ``fields`` once.
+
+    It names a field of count n > 1 ``name_0`` ... ``name_{n-1}`` and an unnamed field
+    ``unnamed_field_<index>``, and refuses a count of 0.
+    """
+    columns: set[str] = set()
+    for index, field in enumerate(fields):
+        if field.count < 1:
+            return False
+        name = field.name or f'unnamed_field_{index}'
+        names = [name] if field.count == 1 else [f'{name}_{a}' for a in range(field.count)]
+        if columns.intersection(names) or len(set(names)) < len(names):
+            return False
+        columns.update(names)
+    return True
 
 
 def cloud_to_xyz(msg: PointCloud2, *, unit: str = DEFAULT_UNIT) -> np.ndarray:
