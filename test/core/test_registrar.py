@@ -1,5 +1,7 @@
 """End-to-end registration on the phantom: recovery, confidence and bad input."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import trimesh
@@ -226,3 +228,49 @@ def test_uniqueness_is_measured_against_a_distinct_pose_even_when_refined_ones_c
     res = reg.register(cloud)
     assert res.candidates_refined == 2 and res.alternative_transform is not None
     assert np.isfinite(res.uniqueness_z) and res.uniqueness_z >= reg.config.gate_min_uniqueness_z
+
+
+def _phantom_view(phantom_mesh, seed=0):
+    rng = np.random.default_rng(seed)
+    return sim.simulate_partial_cloud(phantom_mesh, rng, coverage=0.3, noise_mm=1.0,
+                                      outlier_fraction=0.05, n_points=2000)
+
+
+def test_a_fit_without_a_measured_alternative_or_with_too_few_clusters_is_refused(
+        phantom_registrar, phantom_mesh):
+    from neural_bone_reg.core.registrar import MIN_CLUSTERS
+
+    # The stages of register, then the assessment of the winner alone: no distinct
+    # alternative means uniqueness was not measured, never a free pass (it read z = inf).
+    reg = phantom_registrar
+    prep = reg._prepare(_phantom_view(phantom_mesh))
+    refined = reg._refine(prep, reg._rescore(prep, reg._fine(prep, reg._coarse(prep)[0])))
+    both = reg._assess(prep, refined)
+    assert both.accepted, both.summary()
+    alone = reg._assess(prep, refined[:1])
+    assert not alone.accepted and alone.alternative_transform is None
+    assert [r for r in alone.rejection_reasons if r.startswith('uniqueness not measured')]
+    assert np.isnan(alone.uniqueness_z)
+    # Clusters so large that the cloud covers fewer than MIN_CLUSTERS: the cluster-robust
+    # statistics rest on too few sums.
+    coarse = reg.with_config(replace(reg.config, cluster_mm=200.0))
+    wide = coarse._assess(prep, refined)
+    assert not wide.accepted
+    assert any(r.startswith('too few independent regions') and f'at least {MIN_CLUSTERS}' in r
+               for r in wide.rejection_reasons), wide.rejection_reasons
+
+
+def test_an_unconverged_fit_is_refused(phantom_registrar, phantom_mesh):
+    # Without ICP (the paper's setting) the pose is not a converged fit, so its covariance
+    # and gates do not apply: refused, whatever the search found.
+    res = phantom_registrar.with_config(replace(phantom_registrar.config, refine=False)).register(
+        _phantom_view(phantom_mesh))
+    assert not res.accepted
+    assert any(r.startswith('not converged') for r in res.rejection_reasons), res.summary()
+
+
+def test_nan_fit_statistics_fail_the_fit_gates(phantom_registrar):
+    nan = float('nan')
+    assert phantom_registrar._fit_reasons(nan, 0.9, 1.0)[0].startswith('residual nan')
+    assert phantom_registrar._fit_reasons(1.0, nan, 1.0)[0].startswith('inlier fraction nan')
+    assert phantom_registrar._fit_reasons(1.0, 0.9, nan) == []  # the fixed 2 mm gate holds

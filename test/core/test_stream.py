@@ -385,6 +385,33 @@ def test_a_reset_during_a_solve_voids_its_track() -> None:
     assert outcome.result.accepted and stream.track is None
 
 
+@pytest.mark.parametrize('change, reason', [
+    (lambda stream, registrar: stream.reset(), 'reset'),
+    (lambda stream, registrar: stream.configure(mode='single'), 'mode change'),
+    (lambda stream, registrar: stream.set_registration(RegistrationConfig(
+        gate_min_uniqueness_z=8.0)), 'registration config change'),
+    (lambda stream, registrar: stream.use_registrar(registrar), 'model change'),
+])
+def test_a_reset_or_change_after_the_job_was_taken_voids_its_result(change, reason) -> None:
+    stream, registrar = make('track')
+    stream.add_cloud(points(), 'robot', _NS)
+    work = stream.take_work()
+    change(stream, registrar)  # while the solve runs: judged by the old data or gates
+    outcome = stream.solve(work.job, work.epoch, 'bone', work.voids)
+    assert outcome.voided == reason and outcome.result.accepted and stream.track is None
+    stream.finish()
+    # What is taken after the change stands, and the same call without a change too.
+    stream.add_cloud(points(), 'robot', _NS + 1)
+    work = stream.take_work()
+    while work.job is None:  # a queued registration config is applied first
+        if work.registration is not None:
+            stream.apply_registration(work.registration)
+        stream.finish()
+        work = stream.take_work()
+    outcome = stream.solve(work.job, work.epoch, 'bone', work.voids)
+    assert outcome.voided == '' and outcome.result.accepted
+
+
 def test_a_changed_bone_frame_is_not_tracked_across() -> None:
     stream, registrar = make('track')
     stream.add_cloud(points(), 'robot', _NS)

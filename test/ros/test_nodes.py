@@ -824,20 +824,29 @@ def test_track_ends_on_reset_mode_and_config_changes_and_stale_frames(
     assert node.n_broadcasts == 14
 
 
-def test_a_reset_during_a_solve_voids_its_track(ros_context: Any,
-                                                spin: Callable[[Any], Any]) -> None:
+def test_a_reset_during_a_solve_voids_its_result_and_its_track(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
     node = spin(registration_node(ros_context, mode='track'))
     scripted = ScriptedTracker()
     scripted.release.clear()  # the first solve blocks until released
     node.use_registrar(scripted)
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    waiter = TfWaiter(probe, 'robot', 'bone')
     node.on_points(cloud(patch_points(n=300), stamp_ns=1_000_000_000))
     assert scripted.started.wait(SOLVE_TIMEOUT_S)
     node.on_reset(Trigger.Request(), Trigger.Response())  # while the solve runs
     scripted.release.set()
-    assert node.wait_idle(SOLVE_TIMEOUT_S) and node.n_broadcasts == 1
+    # The probe slipped, say: what was computed from the clouds before the reset never goes out.
+    array = diags.wait_for(lambda a: find_status(a, 'registration', level=DiagnosticStatus.WARN)
+                           is not None, SOLVE_TIMEOUT_S)
+    assert array is not None, 'no WARN diagnostic for a voided result'
+    status = find_status(array, 'registration', level=DiagnosticStatus.WARN)
+    assert 'result discarded, no transform broadcast: a reset arrived' in status.message
+    assert node.wait_idle(SOLVE_TIMEOUT_S) and node.n_broadcasts == 0
     node.on_points(cloud(patch_points(n=300), stamp_ns=1_030_000_000))
-    assert node.wait_idle(SOLVE_TIMEOUT_S)
+    assert node.wait_idle(SOLVE_TIMEOUT_S) and node.n_broadcasts == 1
     assert (len(scripted.calls), len(scripted.priors)) == (2, 0)  # registered, not tracked
+    assert waiter.wait(SOLVE_TIMEOUT_S) is not None
 
 
 @pytest.mark.parametrize('worker_ends', ['during the join', 'after the join timed out'])

@@ -176,10 +176,10 @@ class RegistrationConfig:
         0.5, low=0.0, high=1.0, exclusive='both',
         doc='Share of hypotheses kept at each coarse pruning (successive halving).')
     fine_top_k: int = spec(
-        32, low=1,
+        32, low=2,
         doc='Hypotheses carried from the coarse to the fine stage.')
     patch_fine_top_k: int = spec(
-        96, low=1,
+        96, low=2,
         doc=('Hypotheses carried from the coarse to the fine stage for a short sweep (a cloud '
              "narrower than 0.8 of the bone's diagonal). A patch has more near-equal optima than"
              ' a full sweep: with 32, 2 of 30 patches of specimen00 (60 and 40 mm) missed the '
@@ -199,8 +199,9 @@ class RegistrationConfig:
         3.0, low=0.0, high=100.0, exclusive='low', unit='mm',
         doc='Scale of the Geman-McClure cost on UDF values; points far beyond it barely count.')
     final_candidates: int = spec(
-        8, low=1,
-        doc='Distinct top hypotheses re-scored on the whole cloud and refined.')
+        8, low=2,
+        doc=('Distinct top hypotheses re-scored on the whole cloud and refined (at least 2: '
+             'uniqueness needs an alternative).'))
     distinct_rotation_deg: float = spec(
         10.0, low=0.0, high=180.0, exclusive='low', unit='deg',
         doc=('Poses closer than this in rotation (and in translation below) count as the same '
@@ -331,13 +332,13 @@ class RegistrationConfig:
         check_ranges(self)
         # Bounds set by another field.
         _check(self.fine_top_k <= self.num_hypotheses,
-               f'registration.fine_top_k must be in [1, num_hypotheses={self.num_hypotheses}], '
+               f'registration.fine_top_k must be in [2, num_hypotheses={self.num_hypotheses}], '
                f'got {self.fine_top_k}')
         _check(self.patch_fine_top_k <= self.num_hypotheses,
-               'registration.patch_fine_top_k must be in [1, num_hypotheses='
+               'registration.patch_fine_top_k must be in [2, num_hypotheses='
                f'{self.num_hypotheses}], got {self.patch_fine_top_k}')
         _check(self.final_candidates <= min(self.fine_top_k, self.patch_fine_top_k),
-               'registration.final_candidates must be in [1, min(fine_top_k, patch_fine_top_k)='
+               'registration.final_candidates must be in [2, min(fine_top_k, patch_fine_top_k)='
                f'{min(self.fine_top_k, self.patch_fine_top_k)}], got {self.final_candidates}')
         _check(self.min_points <= self.max_points,
                f'registration.min_points must be in [3, max_points={self.max_points}], '

@@ -83,6 +83,13 @@ TRACK_ICP_TOLERANCE_MM = 0.03
 #: A tracked fit whose ICP still moves more than this per step (mm) has not settled; one that
 #: stops the iterations while creeping below it (noise-level jitter) is accepted.
 TRACK_MAX_LAST_STEP_MM = 0.1
+#: A registered fit whose ICP still moved more than this on its last step (mm) is refused:
+#: the covariance and the gates describe a converged fit.
+MAX_LAST_STEP_MM = 0.1
+#: The cluster-robust statistics (uniqueness, covariance) rest on the spread of cluster sums:
+#: fewer clusters than this are too few to estimate it. Bench clouds of specimen00 have 24-50
+#: clusters of 10 mm in a 25 mm patch, 78-202 in a 60 mm one, 297-733 in a full sweep.
+MIN_CLUSTERS = 20
 #: The tiny search of ``warm_up`` on this many surface points: every stage runs, briefly.
 WARM_UP_POINTS = 400
 WARM_UP_CONFIG = dict(num_hypotheses=32, coarse_iterations=2, coarse_prune_every=0, fine_top_k=4,
@@ -467,14 +474,15 @@ class BoneRegistrar:
         ``noise_var_mm2``: the de-biasing of ``refine.linearise`` (0: none).
         """
         cfg = self.config
+        last_step = float('inf')  # not refined: not a converged fit
         if cfg.refine and cfg.refine_iterations > 0:
             icp = refine_icp(self.surface, icp_pts, rotation, translation, cfg.robust_scale_mm,
                              cfg.refine_iterations, cfg.refine_tolerance_mm, noise_var_mm2)
-            rotation, translation = icp.rotation, icp.translation
+            rotation, translation, last_step = icp.rotation, icp.translation, icp.last_step_mm
         dist = self.surface.distances(prep.points @ rotation.T + translation)
         truncated = np.minimum(dist, cfg.inlier_threshold_mm)
         return _Candidate(float(truncated.mean()), rotation, translation, dist, truncated,
-                          icp_pts, noise_var_mm2)
+                          icp_pts, noise_var_mm2, last_step)
 
     def _assess(self, prep: '_Prepared', refined: list['_Candidate']) -> RegistrationResult:
         """Judge the best candidate: fit, uniqueness, covariance, precision; say why not."""
@@ -492,13 +500,25 @@ class BoneRegistrar:
         constraint = constraint_from_linearisation(lin)
         covariance, precision, noise = self._covariance(lin, target)
         reasons = self._fit_reasons(residual, inlier_fraction, noise)
+        if not best.last_step_mm <= MAX_LAST_STEP_MM:
+            reasons.append('not converged: ICP still moved the cloud '
+                           f'{best.last_step_mm:.2f} mm on its last step (gate '
+                           f'{MAX_LAST_STEP_MM} mm; refine is off or refine_iterations too few)')
         # Uniqueness: the best against the best distinct alternative, cluster by cluster.
-        alternative, ambiguity, z_score, margin = None, 0.0, float('inf'), float('nan')
-        if len(refined) > 1:
+        alternative, ambiguity, z_score, margin = None, 0.0, float('nan'), float('nan')
+        labels_all, n_all = cluster_labels(moved, cfg.cluster_mm)
+        if n_all < MIN_CLUSTERS:
+            reasons.append(f'too few independent regions: the cloud covers {n_all} clusters of '
+                           f'{cfg.cluster_mm:g} mm; expected at least {MIN_CLUSTERS} to measure '
+                           'uniqueness and covariance')
+        if len(refined) < 2:
+            reasons.append(f'uniqueness not measured: the {len(refined)} refined candidate '
+                           'converged to one pose, so no distinct alternative was there to '
+                           'compare it with')
+        else:
             alt = refined[1]
             alternative = make_transform(alt.rotation, alt.translation)
             ambiguity = min(best.cost / max(alt.cost, AMBIGUITY_COST_FLOOR_MM), 1.0)
-            labels_all, n_all = cluster_labels(moved, cfg.cluster_mm)
             z_score, margin, _ = uniqueness_z(best.truncated, alt.truncated, labels_all, n_all)
             if not z_score >= cfg.gate_min_uniqueness_z:
                 reasons.append(
@@ -525,13 +545,14 @@ class BoneRegistrar:
             return np.full((6, 6), np.inf), None, float('nan')
         labels, n_clusters = cluster_labels(lin.surface_points, cfg.cluster_mm)
         noise = noise_level(lin.residual, labels, n_clusters)
-        # nan noise (every point alone in its cluster) gives nan bounds, which every gate refuses.
         systematic = float(np.hypot(cfg.systematic_error_mm,
                                     cfg.systematic_noise_gain * noise ** 2))
         covariance = pose_covariance(lin.points, lin.normals, lin.residual, lin.weight,
                                      labels, n_clusters, scale=cfg.covariance_scale,
                                      systematic_mm=systematic,
                                      correlation_mm=cfg.systematic_length_mm)
+        if not np.isfinite(covariance).all():  # nan noise: every point alone in its cluster
+            return np.full((6, 6), np.inf), None, noise
         return covariance, precision_bounds(covariance, target), noise
 
     def _precision_reasons(self, precision: Precision | None) -> list[str]:
@@ -662,12 +683,12 @@ class BoneRegistrar:
         cfg = self.config
         reasons = []
         limit = self.residual_limit(noise_mm)
-        if residual > limit:
+        if not residual <= limit:  # nan fails too
             scaled = (f' (gate: the larger of {cfg.gate_max_residual_mm} mm and '
                       f'{cfg.gate_residual_noise_factor} x the measured noise {noise_mm:.2f} mm)'
                       if cfg.gate_residual_noise_factor > 0.0 else '')
             reasons.append(f'residual {residual:.2f} mm > {limit:.2f} mm{scaled}')
-        if inlier_fraction < cfg.gate_min_inlier_fraction:
+        if not inlier_fraction >= cfg.gate_min_inlier_fraction:
             reasons.append(f'inlier fraction {inlier_fraction:.2f} < '
                            f'{cfg.gate_min_inlier_fraction}')
         return reasons
@@ -836,6 +857,8 @@ class _Candidate:
     """The points ICP refined it on (their linearisation gives the covariance)."""
     noise_var_mm2: float = 0.0
     """The noise variance its residuals were de-biased for (``refine.linearise``)."""
+    last_step_mm: float = float('inf')
+    """How far ICP's last step moved the cloud, mm (inf: not refined)."""
 
 
 def _rotations_onto(source: np.ndarray, targets: np.ndarray) -> np.ndarray:

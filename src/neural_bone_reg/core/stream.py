@@ -125,6 +125,8 @@ class Work:
     job: Cloud | None = None
     epoch: int = 0
     """The epoch the job was taken in: a later reset or change voids its track."""
+    voids: int = 0
+    """How many voiding changes the stream had seen when the job was taken (see solve)."""
 
 
 @dataclass
@@ -151,6 +153,9 @@ class Outcome:
     error: str = ''
     lost: str = ''
     """Why tracking was given up for a global registration ('' when not tried, or tracked)."""
+    voided: str = ''
+    """What arrived while it was computed and voids the result (a reset, a model, mode or
+    registration config change): never broadcast then. '' when it stands."""
 
 
 class RegistrationStream:
@@ -180,6 +185,8 @@ class RegistrationStream:
         self._sweep_received = self._dirty_since = 0.0
         self._track: Track | None = None
         self._epoch = 0
+        self._voided = 0  # counts the changes that void a solve in flight
+        self._void_reason = ''
 
     @staticmethod
     def _new_buffer(config: SweepConfig) -> SweepBuffer:
@@ -284,6 +291,7 @@ class RegistrationStream:
         with self._cond:
             self._registrar = registrar
             self._end_track()
+            self._void('model change')
             if self._mode == 'sweep' and self._sweep.n_points >= self._sweep_config.min_points:
                 self._dirty = True
             self._cond.notify_all()
@@ -293,6 +301,7 @@ class RegistrationStream:
         with self._cond:
             self._registration = config
             self._end_track()  # the track's poses were accepted under the old gates
+            self._void('registration config change')
             self._cond.notify_all()
 
     def configure(self, mode: str | None = None, sweep: SweepConfig | None = None,
@@ -304,6 +313,7 @@ class RegistrationStream:
             if mode is not None and mode != self._mode:
                 self._mode = mode
                 self._end_track()
+                self._void('mode change')
             if sweep is not None:
                 self._sweep_config, self._sweep = sweep, self._new_buffer(sweep)
                 self._dirty = False
@@ -339,6 +349,7 @@ class RegistrationStream:
             self._dirty = self._force = False
             self._pending = self._last = None
             self._end_track()
+            self._void('reset')
             self._cond.notify_all()
         return dropped
 
@@ -350,6 +361,11 @@ class RegistrationStream:
     def _end_track(self) -> None:
         self._track = None
         self._epoch += 1
+
+    def _void(self, reason: str) -> None:
+        """Void any solve in flight: its result will not be broadcast."""
+        self._voided += 1
+        self._void_reason = reason
 
     # ------------------------------------------------------------------ worker side
 
@@ -375,12 +391,12 @@ class RegistrationStream:
         slices, self._inbox, self._inbox_points = tuple(self._inbox), deque(), 0
         task, self._task = self._task, None
         registration, self._registration = self._registration, None
-        work = Work(slices, task, registration, None, self._epoch)
+        work = Work(slices, task, registration, None, self._epoch, self._voided)
         if slices or task or registration:  # those first, the solve on the next turn
             return work, None, False, 0.0
         if self._mode != 'sweep':
             job, self._pending = self._pending, None
-            return Work(job=job, epoch=self._epoch), None, False, 0.0
+            return Work(job=job, epoch=self._epoch, voids=self._voided), None, False, 0.0
         self._dirty = False
         force, self._force = self._force, False
         return work, self._sweep.pieces(), force, self._sweep_received
@@ -394,7 +410,7 @@ class RegistrationStream:
         if len(snap.points) < self._sweep_config.min_points and not force:
             return work
         job = Cloud(snap.points, snap.frame_id, snap.newest_stamp_ns, received_s, snap.n_slices)
-        return Work(job=job, epoch=work.epoch)
+        return Work(job=job, epoch=work.epoch, voids=work.voids)
 
     def take_work(self) -> Work | None:
         """Return the work due now, or None (never blocks); :meth:`finish` it after."""
@@ -499,8 +515,13 @@ class RegistrationStream:
             return None
         return track
 
-    def solve(self, job: Cloud, epoch: int, bone_frame: str) -> Outcome:
+    def solve(self, job: Cloud, epoch: int, bone_frame: str,
+              voids: int | None = None) -> Outcome:
         """Track or register ``job`` (points in ``job.frame_id``) and update the track.
+
+        A reset or a model, mode or registration config change after the job was taken (its
+        ``Work.voids``; None: when this call starts) voids the result: the outcome says so in
+        ``voided`` and the front end broadcasts nothing of it.
 
         A tracked frame that fails the gates (or whose tracking raises anything but an
         InputError) is registered from scratch at once, so a lost track costs one global
@@ -509,6 +530,7 @@ class RegistrationStream:
         with self._cond:
             registrar = self._registrar
             track = self.usable_track(job, bone_frame) if self._epoch == epoch else None
+            voided = self._voided if voids is None else voids
         if registrar is None:
             raise RuntimeError('solve() before any registrar was given')
         lost = ''
@@ -537,6 +559,10 @@ class RegistrationStream:
             self._counters.solves += 1
             if result.method == 'track':
                 self._counters.tracked += 1
+            if self._voided != voided:  # reset or changed while it was computed
+                self._end_track()
+                return Outcome(job, bone_frame, result=result, lost=lost,
+                               voided=self._void_reason)
             if not result.accepted:
                 self._end_track()
             elif self._mode == 'track' and self._epoch == epoch:

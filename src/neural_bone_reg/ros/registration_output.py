@@ -141,6 +141,12 @@ class RegistrationOutput:
         if outcome.lost:
             logger.info(f'tracking lost ({outcome.lost}); registering from scratch',
                         throttle_duration_sec=LOG_THROTTLE_S)
+        if outcome.voided:
+            message = (f'result discarded, no transform broadcast: a {outcome.voided} arrived '
+                       'while it was computed')
+            logger.warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+            self.diag('registration', WARN, message, values)
+            return
         result = self.last_result = outcome.result
         if not result.accepted:
             values['rejection_reasons'] = reasons = ('; '.join(result.rejection_reasons)

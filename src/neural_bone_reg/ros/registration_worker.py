@@ -105,7 +105,7 @@ class RegistrationWorker:
                     self._node.get_logger().info('registration config applied:\n' + format_configs(
                         self.configs, ('registration',)))
                 if work.job is not None:
-                    self._solve(work.job, work.epoch)
+                    self._solve(work.job, work.epoch, work.voids)
             except Cancelled:
                 return
             except Exception as exc:  # keep the worker alive whatever the core raises
@@ -114,7 +114,7 @@ class RegistrationWorker:
                 self._output.diag('registration', ERROR,
                                   f'internal error: {type(exc).__name__}: {exc}')
 
-    def _solve(self, job: Cloud, epoch: int) -> None:
+    def _solve(self, job: Cloud, epoch: int, voids: int) -> None:
         if job.source_frame:  # a cloud in another frame than robot_frame
             try:
                 job = replace(job, points=self._to_parent(
@@ -122,7 +122,7 @@ class RegistrationWorker:
             except TfLookupError as exc:
                 self._tf_failed(exc, job.source_frame, job.stamp_ns, 'cloud not solved')
                 return
-        outcome = self._stream.solve(job, epoch, self.bone_frame())
+        outcome = self._stream.solve(job, epoch, self.bone_frame(), voids)
         self._output.publish(outcome, self._stream.clock())
 
     def _add_slices(self, slices: tuple[Slice, ...]) -> None:
