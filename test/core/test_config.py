@@ -30,6 +30,10 @@ def test_cross_field_checks():
         RegistrationConfig(num_hypotheses=8, fine_top_k=16)
     with pytest.raises(ValueError, match='min_points'):
         RegistrationConfig(min_points=100, max_points=50)
+    with pytest.raises(ValueError, match='gate_max_residual_mm must be below inlier_thr'):
+        RegistrationConfig(gate_max_residual_mm=5.0)  # it could never fire
+    with pytest.raises(ValueError, match='final_candidates'):
+        RegistrationConfig(final_candidates=1)  # uniqueness needs an alternative
 
 
 def test_paper_preset_matches_publication():

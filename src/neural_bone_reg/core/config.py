@@ -350,6 +350,12 @@ class RegistrationConfig:
         _check(self.track_points <= self.max_points,
                f'registration.track_points must be in [6, max_points={self.max_points}], '
                f'got {self.track_points}')
+        # The residual is a mean of distances within inlier_threshold_mm: a gate at or above
+        # it could never refuse anything.
+        _check(self.gate_max_residual_mm < self.inlier_threshold_mm,
+               'registration.gate_max_residual_mm must be below inlier_threshold_mm='
+               f'{self.inlier_threshold_mm} (the residual is a mean of distances within it), '
+               f'got {self.gate_max_residual_mm}')
 
 
 @dataclass(frozen=True)
