@@ -13,6 +13,7 @@ per bone and overall (target 0) and exits 1 if any.
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from bench_common import case_registrar, real_cases, real_data_parser
@@ -77,8 +78,8 @@ def _print_margins(rows: list[dict]) -> None:
     fits = [r for r in rows if 'uniqueness_z' in r]
     if not fits:
         return
-    unique = max(fits, key=lambda r: (r['uniqueness_z'] if r['uniqueness_z'] == r['uniqueness_z']
-                                      else float('-inf')))
+    unique = max(fits, key=lambda r: -math.inf if math.isnan(r['uniqueness_z'])
+                 else r['uniqueness_z'])
     precise = min(fits, key=lambda r: max(r['bound_mm'], r['bound_deg']))
     for label, r in (('most unique', unique), ('most precise', precise)):
         print(f"{label} wrong fit: {r['cloud']} -> {r['bone']} #{r['trial']}: uniqueness z "

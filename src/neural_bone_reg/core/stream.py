@@ -290,8 +290,7 @@ class RegistrationStream:
         """Register with ``registrar`` from now on; the track ends."""
         with self._cond:
             self._registrar = registrar
-            self._end_track()
-            self._void('model change')
+            self._end_track(void='model change')
             if self._mode == 'sweep' and self._sweep.n_points >= self._sweep_config.min_points:
                 self._dirty = True
             self._cond.notify_all()
@@ -300,8 +299,8 @@ class RegistrationStream:
         """Queue a registration config for the worker to apply; the track ends at once."""
         with self._cond:
             self._registration = config
-            self._end_track()  # the track's poses were accepted under the old gates
-            self._void('registration config change')
+            # The track's poses were accepted under the old gates.
+            self._end_track(void='registration config change')
             self._cond.notify_all()
 
     def configure(self, mode: str | None = None, sweep: SweepConfig | None = None,
@@ -312,8 +311,7 @@ class RegistrationStream:
         with self._cond:
             if mode is not None and mode != self._mode:
                 self._mode = mode
-                self._end_track()
-                self._void('mode change')
+                self._end_track(void='mode change')
             if sweep is not None:
                 self._sweep_config, self._sweep = sweep, self._new_buffer(sweep)
                 self._dirty = False
@@ -348,8 +346,7 @@ class RegistrationStream:
             self._inbox_points = 0
             self._dirty = self._force = False
             self._pending = self._last = None
-            self._end_track()
-            self._void('reset')
+            self._end_track(void='reset')
             self._cond.notify_all()
         return dropped
 
@@ -358,14 +355,13 @@ class RegistrationStream:
         with self._cond:
             self._end_track()
 
-    def _end_track(self) -> None:
+    def _end_track(self, void: str = '') -> None:
+        """End the track; with a ``void`` reason, also void the result of a solve in flight."""
         self._track = None
         self._epoch += 1
-
-    def _void(self, reason: str) -> None:
-        """Void any solve in flight: its result will not be broadcast."""
-        self._voided += 1
-        self._void_reason = reason
+        if void:
+            self._voided += 1
+            self._void_reason = void
 
     # ------------------------------------------------------------------ worker side
 

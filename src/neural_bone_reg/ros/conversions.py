@@ -312,7 +312,7 @@ def _columns_unique(fields) -> bool:
             return False
         name = field.name or f'unnamed_field_{index}'
         names = [name] if field.count == 1 else [f'{name}_{a}' for a in range(field.count)]
-        if columns.intersection(names) or len(set(names)) < len(names):
+        if columns.intersection(names):
             return False
         columns.update(names)
     return True
