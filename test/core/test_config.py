@@ -5,9 +5,10 @@ import dataclasses
 import pytest
 
 from neural_bone_reg.core.config import (configs_from_dict, field_range, interval_text,
-                                         load_yaml_configs, registration_preset,
-                                         RegistrationConfig, section_from_dict, spec,
-                                         SweepConfig, TrackingConfig, TrainConfig, UdfConfig)
+                                         load_yaml_configs, loosened_gates,
+                                         registration_preset, RegistrationConfig,
+                                         section_from_dict, spec, SweepConfig, TrackingConfig,
+                                         TrainConfig, UdfConfig)
 
 
 @pytest.mark.parametrize('cls, field, value', [
@@ -136,3 +137,44 @@ def test_sweep_and_tracking_configs():
     assert sweep.settle_s == 0.0 and isinstance(sweep.settle_s, float)
     with pytest.raises(ValueError, match='unknown sweep parameter'):
         section_from_dict(SweepConfig, {'settle': 0.1})
+
+
+def _strict_fields():
+    return [f for f in dataclasses.fields(RegistrationConfig) if f.metadata.get('strict')]
+
+
+def test_every_gate_says_which_way_is_stricter():
+    # A gate added without it would loosen silently: loosened_gates would never name it.
+    names = {f.name for f in _strict_fields()}
+    gates = {f.name for f in dataclasses.fields(RegistrationConfig)
+             if f.name.startswith(('gate_', 'track_max_', 'track_min_'))}
+    assert gates <= names, gates - names
+    assert {'covariance_scale', 'systematic_noise_gain', 'cluster_mm'} <= names
+
+
+@pytest.mark.parametrize('preset', ['default', 'paper', 'fast'])
+def test_the_presets_keep_the_calibrated_gates(preset):
+    assert loosened_gates(registration_preset(preset)) == ()
+
+
+@pytest.mark.parametrize('f', _strict_fields(), ids=lambda f: f.name)
+def test_a_gate_moved_towards_accepting_more_is_named(f):
+    default = getattr(RegistrationConfig(), f.name)
+    way = f.metadata['strict']
+    low, high = field_range(f)
+    # A value inside the declared range on each side of the default (the residual gate is
+    # also bounded by the inlier threshold).
+    above = min(default * 1.2 + 0.01, high if high is not None else float('inf'),
+                4.9 if f.name == 'gate_max_residual_mm' else float('inf'))
+    below = max(default * 0.8, (low or 0.0) + 1e-6) if default > (low or 0.0) else None
+    looser, stricter = ((below, above) if way == 'higher' else (above, below))
+    if way == 'calibrated':
+        looser, stricter = above, None
+    for value, named in ((looser, True), (stricter, False)):
+        if value is None or value == default:
+            continue
+        lines = loosened_gates(dataclasses.replace(RegistrationConfig(), **{f.name: value}))
+        assert bool(lines) == named, (f.name, value, lines)
+        if named:
+            (line,) = lines
+            assert line.startswith(f'registration.{f.name}=') and f'{default:g}' in line

@@ -124,3 +124,21 @@ def test_global_result_reports_constraint(phantom_registrar, moved_cloud):
     assert res.method == 'global'
     assert res.constraint >= phantom_registrar.config.track_min_constraint  # informative only
     assert res.summary()['constraint'] == res.constraint
+
+
+def test_a_cloud_noisier_than_the_calibrated_range_is_refused(phantom_registrar, phantom_mesh):
+    rng = np.random.default_rng(5)
+    pose = sim.random_pose(rng)
+    noisy = apply_transform(pose, sim.simulate_partial_cloud(phantom_mesh, rng, noise_mm=7.0,
+                                                             n_points=2000))
+    res = phantom_registrar.track(noisy, invert_transform(pose))
+    gate = phantom_registrar.config.gate_max_noise_mm
+    assert res.noise_mm > gate, res.summary()
+    assert not res.accepted
+    assert [r for r in res.rejection_reasons if r.startswith('too noisy')
+            and f'{res.noise_mm:.2f} mm > {gate} mm' in r], res.rejection_reasons
+    # The same cloud, with the gate above its noise: that reason goes (others may stay).
+    wide = phantom_registrar.with_config(replace(phantom_registrar.config,
+                                                 gate_max_noise_mm=3 * res.noise_mm))
+    again = wide.track(noisy, invert_transform(pose))
+    assert not [r for r in again.rejection_reasons if r.startswith('too noisy')]

@@ -406,6 +406,32 @@ def test_an_accepted_result_publishes_bone_pose_with_its_covariance(
     assert node.output.n_poses == 1
 
 
+def test_gates_looser_than_calibrated_are_a_warning_and_named_in_every_result(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    node = spin(registration_node(ros_context, mode='single',
+                                  **{'registration.gate_min_uniqueness_z': 3.0}))
+    node.use_registrar(ScriptedRegistrar(uncertainty=KNOWN_UNCERTAINTY))
+    array = diags.wait_for(lambda a: find_status(a, ': gates', level=DiagnosticStatus.WARN)
+                           is not None, MESSAGE_TIMEOUT_S)
+    assert array is not None, 'no WARN gates status for a loosened uniqueness gate'
+    status = find_status(array, ': gates', level=DiagnosticStatus.WARN)
+    assert 'registration.gate_min_uniqueness_z=3 (calibrated at 6' in status.message
+    # An accepted result still goes out (the operator chose the gate), and says so.
+    pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
+    pub.publish(cloud(patch_points(2)))
+    array = diags.wait_for(lambda a: find_status(a, ': registration', level=DiagnosticStatus.OK)
+                           is not None, SOLVE_TIMEOUT_S)
+    values = status_values(find_status(array, ': registration', level=DiagnosticStatus.OK))
+    assert values['loosened_gates'].startswith('registration.gate_min_uniqueness_z=3')
+    # Back to the calibrated value: the gates status turns OK; a stricter one stays OK.
+    assert node.set_parameters([Parameter('registration.gate_min_uniqueness_z',
+                                          value=8.0)])[0].successful
+    array = diags.wait_for(lambda a: find_status(a, ': gates', level=DiagnosticStatus.OK)
+                           is not None, MESSAGE_TIMEOUT_S)
+    assert array is not None and node.output.loosened_gates == ()
+
+
 def test_an_accepted_result_without_a_covariance_goes_on_tf_but_not_on_bone_pose(
         ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
     node = spin(registration_node(ros_context, mode='single'))

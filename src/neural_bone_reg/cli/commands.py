@@ -74,7 +74,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _configs(args: argparse.Namespace):
-    from neural_bone_reg.core.config import Configs, configs_from_dict, load_yaml_configs
+    """Return the configs the arguments name; warn of gates looser than calibrated (stderr)."""
+    from neural_bone_reg.core.config import (Configs, configs_from_dict, load_yaml_configs,
+                                             loosened_gates)
 
     configs = (load_yaml_configs(args.config, args.preset) if args.config
                else configs_from_dict({}, args.preset))
@@ -83,6 +85,8 @@ def _configs(args: argparse.Namespace):
     if overrides:
         from dataclasses import replace
         configs = Configs(configs.udf, configs.train, replace(configs.registration, **overrides))
+    for line in loosened_gates(configs.registration):
+        print(f'warning: confidence gate looser than calibrated: {line}', file=sys.stderr)
     return configs
 
 

@@ -26,20 +26,30 @@ def _check(condition: bool, message: str) -> None:
 OPEN_ENDS = ('', 'low', 'high', 'both')
 
 
+#: How ``spec(strict=...)`` says which way a safety setting refuses more: 'higher' or 'lower'
+#: values are stricter, 'calibrated' settings were measured as they are (any change is
+#: unvalidated).
+STRICT_WAYS = ('', 'higher', 'lower', 'calibrated')
+
+
 def spec(default: Any, *, doc: str, low: float | None = None, high: float | None = None,
-         exclusive: str = '', unit: str = '') -> Any:
+         exclusive: str = '', unit: str = '', strict: str = '') -> Any:
     """Return a dataclass field whose metadata documents and bounds it.
 
     The metadata holds ``doc`` (ROS descriptions and the params files are made from it),
     ``range``: ``(low, high)``, inclusive unless ``exclusive`` names an end (None: unbounded
     on that side; a bound set by another field is checked in ``__post_init__``), ``open``:
-    the excluded ends, and ``unit`` ('mm', 'deg', 's'; '' for counts and ratios).
+    the excluded ends, ``unit`` ('mm', 'deg', 's'; '' for counts and ratios) and ``strict``:
+    for a confidence gate or a term of the calibrated confidence model, which way of its
+    default refuses more (see :func:`loosened_gates`).
     """
     if exclusive not in OPEN_ENDS:
         raise ValueError(f'exclusive must be one of {OPEN_ENDS}, got {exclusive!r}')
+    if strict not in STRICT_WAYS:
+        raise ValueError(f'strict must be one of {STRICT_WAYS}, got {strict!r}')
     bounds = None if low is None and high is None else (low, high)
-    return field(default=default,
-                 metadata={'doc': doc, 'range': bounds, 'open': exclusive, 'unit': unit})
+    return field(default=default, metadata={'doc': doc, 'range': bounds, 'open': exclusive,
+                                            'unit': unit, 'strict': strict})
 
 
 def field_range(f: dataclasses.Field) -> tuple[float | None, float | None]:
@@ -221,7 +231,7 @@ class RegistrationConfig:
         0.01, low=0.0, high=10.0, exclusive='low', unit='mm',
         doc='ICP stops once a step moves the cloud centroid and rotation by less than this.')
     inlier_threshold_mm: float = spec(
-        5.0, low=0.0, high=100.0, exclusive='low', unit='mm',
+        5.0, strict='calibrated', low=0.0, high=100.0, exclusive='low', unit='mm',
         doc='A point within this distance of the surface after registration is an inlier.')
     max_points: int = spec(
         20_000, high=10_000_000,
@@ -234,11 +244,11 @@ class RegistrationConfig:
         1e-4, low=0.0, high=1.0, exclusive='high',
         doc='A stage stops when its best cost improves less than this (relative) over a window.')
     gate_max_residual_mm: float = spec(
-        2.0, low=0.0, high=100.0, exclusive='low', unit='mm',
+        2.0, strict='lower', low=0.0, high=100.0, exclusive='low', unit='mm',
         doc=('Accept only if the mean inlier distance is at most this (or the noise-scaled '
              'limit below, where larger).'))
     gate_residual_noise_factor: float = spec(
-        0.7, low=0.0, high=10.0,
+        0.7, strict='lower', low=0.0, high=10.0,
         doc=('A noisy cloud may reach this multiple of its measured point noise as mean inlier '
              'distance (0: the fixed gate alone). Gaussian noise alone puts a correct fit at '
              '0.54-0.6 sigma (the mean of a half-normal cut at the 5 mm inlier threshold), so '
@@ -248,24 +258,31 @@ class RegistrationConfig:
              'under that much noise wrong fits have the same residual, and what refuses them '
              'is uniqueness and precision.'))
     gate_min_inlier_fraction: float = spec(
-        0.6, low=0.0, high=1.0,
+        0.6, strict='higher', low=0.0, high=1.0,
         doc='Accept only if at least this share of points are inliers.')
+    gate_max_noise_mm: float = spec(
+        5.0, strict='lower', low=0.0, high=100.0, exclusive='low', unit='mm',
+        doc=("Accept only if the cloud's measured point noise is at most this, mm: the "
+             "confidence model's noise-driven terms (the covariance's systematic_noise_gain, "
+             'the noise-scaled residual gate, the de-biasing) were calibrated on clouds '
+             'measuring up to about 4.2 mm (specimen00 as acquired, 1.3-1.7 mm, and with 2 and '
+             '4 mm of gaussian noise added); beyond it they are an extrapolation.'))
     refined_candidates: int = spec(
         4, low=1, high=64,
         doc=('Distinct candidates refined by ICP and compared by the uniqueness test (at most '
              '``final_candidates`` exist).'))
     cluster_mm: float = spec(
-        10.0, low=0.5, high=200.0, unit='mm',
+        10.0, strict='calibrated', low=0.5, high=200.0, unit='mm',
         doc=('Edge of the cubic clusters that confidence statistics treat as one correlated group'
              ' of points (ultrasound errors are shared by neighbours), mm. See '
              '``core.confidence``.'))
     covariance_scale: float = spec(
-        2.0, low=0.01, high=1000.0,
+        2.0, strict='higher', low=0.01, high=1000.0,
         doc=('Multiplier of the cluster-robust sandwich term of the pose covariance. Calibrated '
              'with the two systematic_* terms below on held-out data: '
              'benchmarks/calibrate_gates.py.'))
     systematic_error_mm: float = spec(
-        0.0, low=0.0, high=100.0, unit='mm',
+        0.0, strict='higher', low=0.0, high=100.0, unit='mm',
         doc=('RMS of the smooth systematic surface offset (segmentation and tracking error shared'
              ' by neighbouring points) that the pose covariance allows for whatever the noise, '
              'mm. A patch cannot average it out as a whole sweep does; weak directions amplify '
@@ -273,10 +290,10 @@ class RegistrationConfig:
              ' covered every accepted error, and a fixed part large enough to matter pushed '
              "the femurs' full sweeps to the 2 deg gate."))
     systematic_length_mm: float = spec(
-        50.0, low=1.0, high=1000.0, unit='mm',
+        50.0, strict='calibrated', low=1.0, high=1000.0, unit='mm',
         doc='Correlation length of that offset (gaussian), mm.')
     systematic_noise_gain: float = spec(
-        0.1, low=0.0, high=10.0,
+        0.1, strict='higher', low=0.0, high=10.0,
         doc=("Growth of the systematic offset with the cloud's measured point noise sigma, per mm:"
              ' the offset RMS is sqrt(systematic_error_mm^2 + (systematic_noise_gain * sigma^2)^2)'
              ' mm, '
@@ -284,15 +301,15 @@ class RegistrationConfig:
              'noisy clouds are de-biased for that, and this term covers what is left and the '
              'systematic errors that grow with the noise.'))
     gate_min_uniqueness_z: float = spec(
-        6.0, low=0.0, high=1000.0,
+        6.0, strict='higher', low=0.0, high=1000.0,
         doc=('Accept only if the best pose fits better than the best distinct alternative by at '
              "least this many standard errors (cluster-robust, so it adapts to the cloud's noise "
              'and size).'))
     gate_max_bound_mm: float = spec(
-        2.0, low=0.0, high=1000.0, exclusive='low', unit='mm',
+        2.0, strict='lower', low=0.0, high=1000.0, exclusive='low', unit='mm',
         doc='Accept only if the 95 % position bound at the target point is at most this, mm.')
     gate_max_bound_deg: float = spec(
-        2.0, low=0.0, high=180.0, exclusive='low', unit='deg',
+        2.0, strict='lower', low=0.0, high=180.0, exclusive='low', unit='deg',
         doc='Accept only if the 95 % rotation bound is at most this, degrees.')
     precision_at_target: bool = spec(
         False,
@@ -307,14 +324,14 @@ class RegistrationConfig:
         doc=('Tracking: points used by the frame-to-frame ICP and its fit statistics (seeded '
              'subset).'))
     track_max_rotation_deg: float = spec(
-        10.0, low=0.0, high=180.0, exclusive='low', unit='deg',
+        10.0, strict='lower', low=0.0, high=180.0, exclusive='low', unit='deg',
         doc='Tracking: a frame whose pose turned more than this from the previous pose is lost.')
     track_max_translation_mm: float = spec(
-        10.0, low=0.0, high=1000.0, exclusive='low', unit='mm',
+        10.0, strict='lower', low=0.0, high=1000.0, exclusive='low', unit='mm',
         doc=('Tracking: a frame whose centroid moved more than this from the previous pose is '
              'lost.'))
     track_min_constraint: float = spec(
-        0.001, low=0.0, high=1.0, exclusive='both',
+        0.001, strict='higher', low=0.0, high=1.0, exclusive='both',
         doc=('Tracking: accept only if the fit pins all six degrees of freedom at least this '
              'well. Tracking has no ambiguity measure (it searches no alternatives); this is its '
              'local stand-in. The smallest over the largest eigenvalue of the point-to-plane '
@@ -356,6 +373,31 @@ class RegistrationConfig:
                'registration.gate_max_residual_mm must be below inlier_threshold_mm='
                f'{self.inlier_threshold_mm} (the residual is a mean of distances within it), '
                f'got {self.gate_max_residual_mm}')
+
+
+def loosened_gates(config: RegistrationConfig) -> tuple[str, ...]:
+    """Return a line per confidence setting of ``config`` looser than its calibrated default.
+
+    The gates and the confidence model's terms (fields with ``strict`` metadata) were
+    calibrated as a whole (``benchmarks/calibrate_gates.py``). A value on the accepting side
+    of its default, or any change of a ``'calibrated'`` one, accepts results that calibration
+    never measured: the node warns about them. Empty when none is.
+    """
+    calibrated = RegistrationConfig()
+    out = []
+    for f in fields(config):
+        way = f.metadata.get('strict', '')
+        value, default = getattr(config, f.name), getattr(calibrated, f.name)
+        if not way or value == default:
+            continue
+        if way == 'calibrated':
+            out.append(f'{config.SECTION}.{f.name}={value:g} (calibrated at {default:g}; any '
+                       'other value is unvalidated)')
+        elif (value < default) if way == 'higher' else (value > default):
+            side = 'lower' if way == 'higher' else 'higher'
+            out.append(f'{config.SECTION}.{f.name}={value:g} (calibrated at {default:g}; '
+                       f'{side} accepts more)')
+    return tuple(out)
 
 
 @dataclass(frozen=True)

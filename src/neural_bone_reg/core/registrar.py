@@ -691,6 +691,10 @@ class BoneRegistrar:
         if not inlier_fraction >= cfg.gate_min_inlier_fraction:
             reasons.append(f'inlier fraction {inlier_fraction:.2f} < '
                            f'{cfg.gate_min_inlier_fraction}')
+        if noise_mm > cfg.gate_max_noise_mm:  # nan: unmeasured, the covariance is then inf
+            reasons.append(f'too noisy: measured point noise {noise_mm:.2f} mm > '
+                           f'{cfg.gate_max_noise_mm} mm, beyond the range the confidence model '
+                           'was calibrated on')
         return reasons
 
     def _initial_poses(self, centred: np.ndarray, rng: np.random.Generator,

@@ -42,6 +42,7 @@ from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
+from neural_bone_reg.core.config import loosened_gates
 from neural_bone_reg.core.errors import InputError
 from neural_bone_reg.core.runtime import configure_threads
 from neural_bone_reg.core.stream import check_mode, Clock, MODES, Registrar, RegistrationStream
@@ -105,6 +106,7 @@ class RegistrationNode(Node):
         self._stream = RegistrationStream(value('mode'), sweep, tracking,
                                           **({'clock': clock} if clock else {}))
         self._output = RegistrationOutput(self)
+        self._output.set_gates(loosened_gates(self._configs.registration))
         self._worker = RegistrationWorker(
             self, self._stream, self._output, configs=self._configs,
             device=resolve_device(device), cache_dir=value('cache_dir') or None)
@@ -170,6 +172,7 @@ class RegistrationNode(Node):
             return SetParametersResult(successful=False, reason=str(exc))
         if configs.registration != self._configs.registration:
             self._stream.set_registration(configs.registration)
+            self._output.set_gates(loosened_gates(configs.registration))
         self._configs = worker.configs = configs
         self._stream.configure(changes.get('mode'), sweep, tracking)
         self._set_frames(robot_frame, bone_frame, changes.get('tf_timeout_s',

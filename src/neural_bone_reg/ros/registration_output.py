@@ -82,6 +82,7 @@ class RegistrationOutput:
         self._diag_pub = node.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC,
                                                DIAGNOSTICS_QOS)
         self.model_status: tuple[bytes, str, dict[str, Any]] = (WARN, 'no model yet', {})
+        self.loosened_gates: tuple[str, ...] = ()  # see set_gates
         self.n_broadcasts = 0
         self.n_poses = 0  # bone_pose messages published
         self.last_result: Any = None
@@ -99,10 +100,33 @@ class RegistrationOutput:
             self.model_status = (level, message, dict(values or {}))
         self._publish_diag(component, level, message, values)
 
+    def set_gates(self, loosened: tuple[str, ...]) -> None:
+        """Take the confidence settings looser than calibrated (``core.config.loosened_gates``).
+
+        They are logged as a warning, published as the 'gates' status (WARN while any is
+        loosened, repeated by the heartbeat) and named in every registration status, so an
+        accepted result shows that it passed gates calibration never validated.
+        """
+        self.loosened_gates = tuple(loosened)
+        if loosened:
+            self._node.get_logger().warning(self._gates_message())
+        self._publish_gates()
+
+    def _gates_message(self) -> str:
+        if not self.loosened_gates:
+            return 'confidence gates as calibrated'
+        return ('confidence gates looser than calibrated, results they accept were never '
+                'validated: ' + '; '.join(self.loosened_gates))
+
+    def _publish_gates(self) -> None:
+        self._publish_diag('gates', WARN if self.loosened_gates else OK, self._gates_message(),
+                           {'loosened_gates': len(self.loosened_gates)})
+
     def heartbeat(self, counters: dict[str, Any]) -> None:
-        """Repeat the model status with the counters, as diagnostic_updater does."""
+        """Repeat the model and gates statuses with the counters, as diagnostic_updater does."""
         level, message, values = self.model_status
         self._publish_diag('model', level, message, {**values, **counters})
+        self._publish_gates()
 
     def _publish_diag(self, component: str, level: bytes, message: str,
                       values: dict[str, Any] | None) -> None:
@@ -133,6 +157,7 @@ class RegistrationOutput:
         """Publish an outcome; ``now_s`` (the stream's clock) dates its latency."""
         logger = self._node.get_logger()
         values = result_values(outcome)
+        values['loosened_gates'] = '; '.join(self.loosened_gates) or 'none'
         if outcome.result is None:
             message = f'input rejected, no transform broadcast: {outcome.error}'
             logger.warning(message, throttle_duration_sec=LOG_THROTTLE_S)
