@@ -43,7 +43,7 @@ from neural_bone_reg.core.confidence import (CHI2_95_6DOF, cluster_labels, covar
 from neural_bone_reg.core.config import RegistrationConfig
 from neural_bone_reg.core.errors import InputError
 from neural_bone_reg.core.refine import linearise
-from neural_bone_reg.core.registrar import noise_scaled_limit
+from neural_bone_reg.core.registrar import FIXED_GATE_REASONS, noise_scaled_limit
 from neural_bone_reg.core.se3 import apply_transform
 
 #: (noise mm, patch mm) of each protocol.
@@ -158,7 +158,9 @@ def judge(rows: list[dict], setting: Setting, cfg: RegistrationConfig,
           cache: dict | None = None) -> list[dict]:
     """Return per row: accepted (every gate, as the registrar's), correct, covered (95 %).
 
-    ``cache`` keeps each row's bounds and Mahalanobis^2 per covariance model, which the gates
+    The gates the setting varies are replayed; a row refused by one it does not (its
+    ``reasons`` begin as ``FIXED_GATE_REASONS``: not converged, too few clusters, no
+    alternative, too noisy) stays refused. ``cache`` keeps each row's bounds and Mahalanobis^2 per covariance model, which the gates
     (``min_z``, ``residual_factor``) do not change.
     """
     key = (setting.scale, setting.systematic_mm, setting.length_mm, setting.noise_bias)
@@ -182,7 +184,9 @@ def judge(rows: list[dict], setting: Setting, cfg: RegistrationConfig,
                     and bounds.bound_deg <= cfg.gate_max_bound_deg
                     and row['uniqueness_z'] >= setting.min_z
                     and row['residual_mm'] <= residual_limit
-                    and row['inlier_fraction'] >= cfg.gate_min_inlier_fraction)
+                    and row['inlier_fraction'] >= cfg.gate_min_inlier_fraction
+                    and not any(reason.startswith(FIXED_GATE_REASONS)
+                                for reason in row.get('reasons', ())))
         out.append({'row': row, 'accepted': accepted, 'correct': row['correct'],
                     'covered': m2 <= CHI2_95_6DOF, 'bound_mm': bounds.bound_mm,
                     'bound_deg': bounds.bound_deg})

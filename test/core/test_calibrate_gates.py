@@ -75,3 +75,19 @@ def test_the_noise_scaled_residual_gate_admits_noisy_fits_but_never_a_wrong_one(
     setting, result = calibrate.choose(rows + [wrong], cfg)
     assert setting.residual_factor < 0.6 and result['wrong_accepted'] == 0
     assert result['noise']['accepted_correct'] == 0
+
+
+def test_a_refusal_by_a_gate_calibration_does_not_vary_stands_under_every_setting(calibrate):
+    cfg = RegistrationConfig()
+    setting = calibrate.Setting(2.0, 0.0, 50.0, 0.1, 6.0, 0.7)
+    fine = _row(calibrate, 'full')
+    (judged,) = calibrate.judge([fine], setting, cfg)
+    assert judged['accepted']
+    for reason in ('not converged: ICP still moved the cloud 0.30 mm on its last step',
+                   'too noisy: measured point noise 6.10 mm > 5.0 mm'):
+        refused = {**fine, 'reasons': [reason]}
+        (judged,) = calibrate.judge([refused], setting, cfg)
+        assert not judged['accepted'], reason
+    # A reason the setting replays (uniqueness) does not decide by itself.
+    replayed = {**fine, 'reasons': ['ambiguous: a distinct pose fits only 0.1 mm worse']}
+    assert calibrate.judge([replayed], setting, cfg)[0]['accepted']

@@ -90,6 +90,11 @@ MAX_LAST_STEP_MM = 0.1
 #: fewer clusters than this are too few to estimate it. Bench clouds of specimen00 have 24-50
 #: clusters of 10 mm in a 25 mm patch, 78-202 in a 60 mm one, 297-733 in a full sweep.
 MIN_CLUSTERS = 20
+#: How the refusals of the gates that calibration takes as given begin (convergence, clusters,
+#: an alternative to compare with, noise in range): ``benchmarks/calibrate_gates.py`` replays
+#: every other gate under each setting it scores, and keeps these refusals as they were.
+FIXED_GATE_REASONS = ('not converged', 'too few independent regions', 'uniqueness not measured',
+                      'too noisy')
 #: The tiny search of ``warm_up`` on this many surface points: every stage runs, briefly.
 WARM_UP_POINTS = 400
 WARM_UP_CONFIG = dict(num_hypotheses=32, coarse_iterations=2, coarse_prune_every=0, fine_top_k=4,
