@@ -160,8 +160,9 @@ def judge(rows: list[dict], setting: Setting, cfg: RegistrationConfig,
 
     The gates the setting varies are replayed; a row refused by one it does not (its
     ``reasons`` begin as ``FIXED_GATE_REASONS``: not converged, too few clusters, no
-    alternative, too noisy) stays refused. ``cache`` keeps each row's bounds and Mahalanobis^2 per covariance model, which the gates
-    (``min_z``, ``residual_factor``) do not change.
+    alternative, too noisy) stays refused. ``cache`` keeps each row's bounds and
+    Mahalanobis^2 per covariance model, which the gates (``min_z``,
+    ``residual_factor``) do not change.
     """
     key = (setting.scale, setting.systematic_mm, setting.length_mm, setting.noise_bias)
     if cache is None or key not in cache:
