@@ -230,6 +230,31 @@ def test_uniqueness_is_measured_against_a_distinct_pose_even_when_refined_ones_c
     assert np.isfinite(res.uniqueness_z) and res.uniqueness_z >= reg.config.gate_min_uniqueness_z
 
 
+def test_every_distinct_fine_pose_is_kept_as_a_reserve_beyond_final_candidates(
+        phantom_registrar, phantom_mesh):
+    from dataclasses import replace
+
+    # The rescore keeps every distinct fine pose, best first on the whole cloud, not only
+    # final_candidates of them: when all those refined converge to one pose, the reserve
+    # still gives the uniqueness test an alternative (a clean phantom sweep with the 'fast'
+    # preset was refused as "uniqueness not measured" when its 4 collapsed).
+    reg = phantom_registrar.with_config(replace(phantom_registrar.config, final_candidates=2,
+                                                refined_candidates=2))
+    prep = reg._prepare(_phantom_view(phantom_mesh))
+    candidates = reg._rescore(prep, reg._fine(prep, reg._coarse(prep)[0]))
+    assert len(candidates) > reg.config.final_candidates
+    for i, (rot_a, tr_a) in enumerate(candidates):
+        assert all(reg._is_distinct(rot_a, tr_a, rot_b, tr_b, prep.centroid)
+                   for rot_b, tr_b in candidates[:i])
+    # Collapse the pool: the first two candidates are one pose. The reserve is refined until
+    # a distinct pose is found, so uniqueness is measured.
+    collapsed = [candidates[0], candidates[0]] + candidates[2:]
+    refined = reg._refine(prep, collapsed)
+    assert len(refined) == 2
+    res = reg._assess(prep, refined)
+    assert np.isfinite(res.uniqueness_z) and res.alternative_transform is not None
+
+
 def _phantom_view(phantom_mesh, seed=0):
     rng = np.random.default_rng(seed)
     return sim.simulate_partial_cloud(phantom_mesh, rng, coverage=0.3, noise_mm=1.0,

@@ -210,8 +210,9 @@ class RegistrationConfig:
         doc='Scale of the Geman-McClure cost on UDF values; points far beyond it barely count.')
     final_candidates: int = spec(
         8, low=2,
-        doc=('Distinct top hypotheses re-scored on the whole cloud and refined (at least 2: '
-             'uniqueness needs an alternative).'))
+        doc=('Best fine hypotheses whose mean cost decides when the fine stage has converged '
+             '(at least 2: uniqueness needs an alternative). Every distinct fine pose is '
+             're-scored on the whole cloud; the refine stage draws from them best first.'))
     distinct_rotation_deg: float = spec(
         10.0, low=0.0, high=180.0, exclusive='low', unit='deg',
         doc=('Poses closer than this in rotation (and in translation below) count as the same '
@@ -269,8 +270,9 @@ class RegistrationConfig:
              '4 mm of gaussian noise added); beyond it they are an extrapolation.'))
     refined_candidates: int = spec(
         4, low=1, high=64,
-        doc=('Distinct candidates refined by ICP and compared by the uniqueness test (at most '
-             '``final_candidates`` exist).'))
+        doc=('Distinct candidates refined by ICP and compared by the uniqueness test. When all '
+             'of them converge to one pose, further distinct fine poses are refined, best '
+             'first, until one stays distinct.'))
     cluster_mm: float = spec(
         10.0, strict='calibrated', low=0.5, high=200.0, unit='mm',
         doc=('Edge of the cubic clusters that confidence statistics treat as one correlated group'

@@ -395,7 +395,12 @@ class BoneRegistrar:
 
     def _rescore(self, prep: '_Prepared',
                  fine: StageResult) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Return the fine poses as (R, t), best first on the whole cloud, kept distinct."""
+        """Return the fine poses as (R, t), best first on the whole cloud, kept distinct.
+
+        The first ``final_candidates`` are the pool ``_refine`` draws from; every further
+        distinct fine pose follows them as its reserve, refined only when all before it
+        converged to one pose.
+        """
         cfg = self.config
         with torch.no_grad():
             whole = torch.cat([
@@ -406,7 +411,7 @@ class BoneRegistrar:
         order = torch.argsort(whole).cpu().numpy()
         rot = fine.rotation.double().cpu().numpy()
         tr = fine.translation.double().cpu().numpy()
-        keep = self._distinct(order, rot, tr, prep.centroid, cfg.final_candidates)
+        keep = self._distinct(order, rot, tr, prep.centroid, len(order))
         return [(rot[i], tr[i]) for i in keep]
 
     def _refine(self, prep: '_Prepared',
