@@ -120,12 +120,35 @@ def _terms(reg: BoneRegistrar, moved: np.ndarray, transform: np.ndarray) -> dict
     labels, count = cluster_labels(lin.surface_points, cfg.cluster_mm)
     out = {'noise_level_mm': noise_level(lin.residual, labels, count),
            'target': apply_transform(transform, reg.validate(moved)).mean(axis=0).tolist()}
+    out.update(_cluster_offsets(lin.residual, labels, out['noise_level_mm'],
+                                cfg.inlier_threshold_mm))
     for length in LENGTHS_MM:  # the sandwich does not depend on the length
         sandwich, unit = covariance_terms(lin.points, lin.normals, lin.residual, lin.weight,
                                           labels, count, length)
         out[f'unit_systematic_{length:g}'] = unit.tolist()
     out['sandwich'] = sandwich.tolist()
     return out
+
+
+def _cluster_offsets(residual: np.ndarray, labels: np.ndarray, noise_mm: float,
+                     inlier_mm: float) -> dict:
+    """Return the RMS of the inliers' mean signed residual per cluster, less the noise's share.
+
+    What a cluster's points share is systematic: segmentation and tracking error for a right
+    fit, shape mismatch too for a wrong one. Reported raw and about the cloud's mean offset
+    (a uniform offset is a segmentation bias, not a misfit).
+    """
+    inlier = np.abs(residual) < inlier_mm
+    lab, res = labels[inlier], residual[inlier]
+    counts = np.bincount(lab)
+    used = counts >= 5
+    means = np.bincount(lab, weights=res)[used] / counts[used]
+    share = noise_mm ** 2 / counts[used] if np.isfinite(noise_mm) else 0.0
+    centred = means - np.average(means, weights=counts[used])
+    return {'cluster_offset_rms_mm': float(np.sqrt(max(np.mean(means ** 2 - share), 0.0))),
+            'cluster_offset_centred_mm': float(
+                np.sqrt(max(np.mean(centred ** 2 - share), 0.0))),
+            'mean_offset_mm': float(np.average(means, weights=counts[used]))}
 
 
 @dataclass(frozen=True)
@@ -258,6 +281,31 @@ def analyse(rows: list[dict]) -> None:
     chosen = choose(done, cfg)
     summary = 'none feasible' if chosen is None else f'{chosen[0]}\n  {_line(chosen[1])}'
     print(f'\nchosen on every case: {summary}')
+    _offset_report(done, cfg)
+
+
+def _offset_report(rows: list[dict], cfg: RegistrationConfig) -> None:
+    """Print the cluster offsets (``_cluster_offsets``) of right fits and of precise wrong ones.
+
+    Not a gate: evidence for a shape-agreement test (a wrong bone leaves larger offsets
+    than a right one's segmentation error), which one specimen cannot calibrate.
+    """
+    if not any('cluster_offset_centred_mm' in r for r in rows):
+        return
+    print('\ncluster offsets about the mean offset, mm (correct fits | wrong fits within the '
+          'precision gates):')
+    for name in PROTOCOLS:
+        mine = [r for r in rows if r['protocol'] == name]
+        right = [r['cluster_offset_centred_mm'] for r in mine if r['correct']]
+        wrong = [r['cluster_offset_centred_mm'] for r in mine if not r['correct']
+                 and r['bound_mm'] <= cfg.gate_max_bound_mm
+                 and r['bound_deg'] <= cfg.gate_max_bound_deg]
+        print(f'  {name:8s} {_span(right):24s} | {_span(wrong)}')
+
+
+def _span(values: list[float]) -> str:
+    return (f'{min(values):.2f}-{max(values):.2f} (n {len(values)})' if values
+            else '- (n 0)')
 
 
 def main() -> int:

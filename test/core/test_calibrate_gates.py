@@ -91,3 +91,16 @@ def test_a_refusal_by_a_gate_calibration_does_not_vary_stands_under_every_settin
     # A reason the setting replays (uniqueness) does not decide by itself.
     replayed = {**fine, 'reasons': ['ambiguous: a distinct pose fits only 0.1 mm worse']}
     assert calibrate.judge([replayed], setting, cfg)[0]['accepted']
+
+
+def test_cluster_offsets_measure_what_a_cluster_shares_beyond_its_noise(calibrate):
+    # Two clusters of 400 points offset by +1 and -1 mm about a 0.5 mm mean, 0.3 mm of noise,
+    # and far outliers that are no inliers: the centred RMS is 1 mm, the raw one sqrt(1.25).
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], [400, 400, 3])
+    residual = np.concatenate([np.full(400, 1.5), np.full(400, -0.5), np.full(3, 50.0)])
+    residual[:800] += rng.normal(0.0, 0.3, 800)
+    out = calibrate._cluster_offsets(residual, labels, 0.3, 5.0)
+    assert out['cluster_offset_centred_mm'] == pytest.approx(1.0, abs=0.02)
+    assert out['cluster_offset_rms_mm'] == pytest.approx(np.sqrt(1.25), abs=0.02)
+    assert out['mean_offset_mm'] == pytest.approx(0.5, abs=0.02)
