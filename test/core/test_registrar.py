@@ -255,6 +255,40 @@ def test_every_distinct_fine_pose_is_kept_as_a_reserve_beyond_final_candidates(
     assert np.isfinite(res.uniqueness_z) and res.alternative_transform is not None
 
 
+def test_an_alternative_left_moving_is_refined_until_it_converges_or_joins_the_winner(
+        phantom_registrar, phantom_mesh):
+    from scipy.spatial.transform import Rotation
+
+    from neural_bone_reg.core.registrar import CANDIDATE_ICP_POINTS, MAX_LAST_STEP_MM
+
+    # An alternative that ICP left moving is not an optimum: compared with it, a correct fit
+    # read as ambiguous (specimen00's right femur, 2 mm of noise: z 4.7 against a pose 11 deg
+    # away that was sliding into the winner). It is refined on; joining the winner, it drops.
+    reg = phantom_registrar
+    prep = reg._prepare(_phantom_view(phantom_mesh))
+    refined = reg._refine(prep, reg._rescore(prep, reg._fine(prep, reg._coarse(prep)[0])))
+    best = refined[0]
+    subset = prep.icp_points[::max(len(prep.icp_points) // CANDIDATE_ICP_POINTS, 1)]
+    kept = reg._alternative(prep, subset, list(refined), iter([]))  # converged: kept as is
+    assert len(kept) == len(refined) and all(a is b for a, b in zip(kept, refined))
+    turn = Rotation.from_rotvec(np.radians(15.0) * np.array([0.0, 0.0, 1.0])).as_matrix()
+    landing = best.rotation @ prep.centroid + best.translation
+    rotation = turn @ best.rotation
+    unrefined = reg.with_config(replace(reg.config, refine=False))  # as if stopped at once
+    moving = unrefined._candidate(prep, subset, rotation, landing - rotation @ prep.centroid)
+    assert moving.last_step_mm > MAX_LAST_STEP_MM
+    assert reg._is_distinct(moving.rotation, moving.translation, best.rotation,
+                            best.translation, prep.centroid)
+    (alone,) = reg._alternative(prep, subset, [best, moving], iter([]))
+    assert alone is best
+    # With a reserve, the next distinct pose takes its place as the alternative.
+    far = refined[1]
+    out = reg._alternative(prep, subset, [best, moving], iter([(far.rotation, far.translation)]))
+    assert len(out) == 2 and out[0] is best
+    assert reg._is_distinct(out[1].rotation, out[1].translation, best.rotation,
+                            best.translation, prep.centroid)
+
+
 def _phantom_view(phantom_mesh, seed=0):
     rng = np.random.default_rng(seed)
     return sim.simulate_partial_cloud(phantom_mesh, rng, coverage=0.3, noise_mm=1.0,
