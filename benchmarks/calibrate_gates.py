@@ -54,7 +54,7 @@ WRONG_BONE_PROTOCOLS = ('full', 'patch60', 'patch40', 'patch25', 'noise2', 'nois
 #: Coverage of the 95 % ellipsoid that accepted fits must reach in every protocol group.
 MIN_COVERAGE = 0.9
 #: Correlation lengths (mm) of the systematic surface offset whose covariance terms are kept.
-LENGTHS_MM = (10.0, 20.0, 30.0, 50.0)
+LENGTHS_MM = (10.0, 20.0, 30.0, 50.0, 100.0, 200.0)
 
 
 def collect(args) -> list[dict]:
@@ -170,7 +170,7 @@ class Setting:
 
 
 GRID = [Setting(*values) for values in itertools.product(
-    (1.0, 2.0, 3.0, 4.0), (0.0, 0.25, 0.5, 0.75), LENGTHS_MM,
+    (1.0, 2.0, 3.0, 4.0), (0.0, 0.25, 0.5, 0.75, 1.0), LENGTHS_MM,
     (0.0, 0.025, 0.05, 0.075, 0.1, 0.15), (3.0, 4.0, 5.0, 6.0), (0.0, 0.6, 0.7, 0.8))]
 #: Protocol groups over which coverage must hold on its own.
 GROUPS = {'full': ('full',), 'noise': ('noise2', 'noise4'),
