@@ -289,6 +289,35 @@ def test_an_alternative_left_moving_is_refined_until_it_converges_or_joins_the_w
                             best.translation, prep.centroid)
 
 
+def test_the_patch_prescreen_keeps_the_best_start_of_every_surface_anchor(
+        phantom_registrar, phantom_mesh):
+    from scipy.spatial.transform import Rotation
+
+    # Start poses grouped by anchor: the best of every group is kept before the rest by cost,
+    # so a place whose starts are all tilted off (a few points score them poorly) still gets
+    # a hypothesis (a global cut dropped every start near the truth of a pelvis patch).
+    reg = phantom_registrar
+    prep = reg._prepare(_phantom_view(phantom_mesh))
+    rotations = Rotation.random(60, random_state=1).as_matrix()
+    landing = np.tile(prep.centroid, (60, 1)) + np.random.default_rng(1).normal(0, 20, (60, 3))
+    pts = reg._subset(prep, reg.config.coarse_points)
+    everything = reg._prescreen(rotations, landing, prep, pts, 60)[0]
+    assert len(everything) == 60  # keep >= count: all, as given
+    by_cost = reg._prescreen(rotations, landing, prep, pts, 59)[0]
+    rank = [int(np.flatnonzero((rotations == r).all(axis=(1, 2)))[0]) for r in by_cost]
+    groups = np.full(60, 2)
+    groups[rank[:10]] = 0  # the ten best starts share one anchor
+    groups[rank[-5:]] = 1  # and the five worst another
+    kept_rot, kept_landing = reg._prescreen(rotations, landing, prep, pts, 6, groups=groups)
+    kept = [int(np.flatnonzero((rotations == r).all(axis=(1, 2)))[0]) for r in kept_rot]
+    assert len(kept) == 6 and {0, 1, 2} <= set(groups[kept].tolist())
+    assert kept[:2] == rank[:2] and rank[-5] not in kept[:5]  # leaders, then the rest by cost
+    assert np.allclose(kept_landing, landing[kept])
+    plain = reg._prescreen(rotations, landing, prep, pts, 6)[0]
+    assert 1 not in {int(groups[np.flatnonzero((rotations == r).all(axis=(1, 2)))[0]])
+                     for r in plain}
+
+
 def _phantom_view(phantom_mesh, seed=0):
     rng = np.random.default_rng(seed)
     return sim.simulate_partial_cloud(phantom_mesh, rng, coverage=0.3, noise_mm=1.0,
