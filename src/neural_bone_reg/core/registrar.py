@@ -408,9 +408,9 @@ class BoneRegistrar:
                  fine: StageResult) -> list[tuple[np.ndarray, np.ndarray]]:
         """Return the fine poses as (R, t), best first on the whole cloud, kept distinct.
 
-        The first ``final_candidates`` are the pool ``_refine`` draws from; every further
-        distinct fine pose follows them as its reserve, refined only when all before it
-        converged to one pose.
+        All of them, not only ``final_candidates``: ``_refine`` refines the first
+        ``refined_candidates`` and keeps the rest as its reserve, refined in turn only while
+        the uniqueness test lacks a distinct alternative.
         """
         cfg = self.config
         with torch.no_grad():
@@ -822,7 +822,7 @@ class BoneRegistrar:
         group is kept first (the best ``keep`` of those when there are more groups), and the
         rest by cost: a start tilted a few degrees off the truth scores worse on a few points
         than a well-seated wrong one, and a global cut dropped every start near the truth of
-        specimen00's pelvis patches (seed 3), a search miss.
+        a 60 mm pelvis patch of specimen00 (bench seed 3): a search miss.
         """
         if keep >= len(rotations):
             return rotations, landing
