@@ -318,6 +318,28 @@ def test_the_patch_prescreen_keeps_the_best_start_of_every_surface_anchor(
                      for r in plain}
 
 
+def test_a_patch_is_scored_on_patch_coarse_points_in_the_coarse_stage(
+        phantom_registrar, phantom_mesh):
+    reg = phantom_registrar.with_config(replace(phantom_registrar.config, coarse_points=40,
+                                                patch_coarse_points=90))
+    view = _phantom_view(phantom_mesh)
+    patch = view[np.linalg.norm(view - view[0], axis=1) < 25.0]
+    counts = []
+    subset = reg._subset
+
+    def spy(prep, count):
+        counts.append(count)
+        return subset(prep, count)
+
+    reg._subset = spy
+    for cloud, expected in ((patch, 90), (view, 40)):
+        prep = reg._prepare(cloud)
+        assert prep.is_patch == (expected == 90)
+        counts.clear()
+        reg._coarse(prep)
+        assert counts[0] == expected
+
+
 def _phantom_view(phantom_mesh, seed=0):
     rng = np.random.default_rng(seed)
     return sim.simulate_partial_cloud(phantom_mesh, rng, coverage=0.3, noise_mm=1.0,

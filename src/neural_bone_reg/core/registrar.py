@@ -357,7 +357,8 @@ class BoneRegistrar:
     def _coarse(self, prep: '_Prepared') -> tuple[StageResult, int]:
         """Optimise all hypotheses on a few points with successive halving."""
         cfg = self.config
-        coarse_pts = self._subset(prep, cfg.coarse_points)
+        coarse_pts = self._subset(prep, cfg.patch_coarse_points if prep.is_patch
+                                  else cfg.coarse_points)
         top_k = self._top_k(prep)
         if prep.is_patch:
             rotations_np, landing_np, anchors = self._surface_poses(prep, coarse_pts)
