@@ -144,11 +144,11 @@ def _cluster_offsets(residual: np.ndarray, labels: np.ndarray, noise_mm: float,
     used = counts >= 5
     means = np.bincount(lab, weights=res)[used] / counts[used]
     share = noise_mm ** 2 / counts[used] if np.isfinite(noise_mm) else 0.0
-    centred = means - np.average(means, weights=counts[used])
+    mean = float(np.average(means, weights=counts[used]))
     return {'cluster_offset_rms_mm': float(np.sqrt(max(np.mean(means ** 2 - share), 0.0))),
             'cluster_offset_centred_mm': float(
-                np.sqrt(max(np.mean(centred ** 2 - share), 0.0))),
-            'mean_offset_mm': float(np.average(means, weights=counts[used]))}
+                np.sqrt(max(np.mean((means - mean) ** 2 - share), 0.0))),
+            'mean_offset_mm': mean}
 
 
 @dataclass(frozen=True)

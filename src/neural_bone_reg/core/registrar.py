@@ -468,7 +468,6 @@ class BoneRegistrar:
         alternative ICP left moving is refined further (``ALTERNATIVE_ITERATION_FACTOR``); one
         that so joins another candidate's pose is dropped and the next takes its place.
         """
-        cfg = self.config
         extensions = 0
         while True:
             while len(distinct) < 2:
@@ -482,12 +481,12 @@ class BoneRegistrar:
                     distinct.sort(key=lambda item: item.cost)
             alt = distinct[1]
             if (alt.last_step_mm <= MAX_LAST_STEP_MM or extensions >= MAX_ALTERNATIVE_EXTENSIONS
-                    or not cfg.refine or cfg.refine_iterations == 0):
+                    or not self._refining):
                 return distinct
             extensions += 1
             cont = self._candidate(prep, subset, alt.rotation, alt.translation,
                                    iterations=ALTERNATIVE_ITERATION_FACTOR
-                                   * cfg.refine_iterations)
+                                   * self.config.refine_iterations)
             others = distinct[:1] + distinct[2:]
             if all(self._is_distinct(cont.rotation, cont.translation, kept.rotation,
                                      kept.translation, prep.centroid) for kept in others):
@@ -515,6 +514,11 @@ class BoneRegistrar:
         noise = noise_level(lin.residual, labels, n_clusters)
         return (points, noise ** 2) if noise > NOISY_CLOUD_MM else (icp_pts, 0.0)
 
+    @property
+    def _refining(self) -> bool:
+        """Whether candidates are refined by ICP at all (``refine`` with a step budget)."""
+        return self.config.refine and self.config.refine_iterations > 0
+
     def _candidate(self, prep: '_Prepared', icp_pts: np.ndarray, rotation: np.ndarray,
                    translation: np.ndarray, noise_var_mm2: float = 0.0,
                    iterations: int | None = None) -> '_Candidate':
@@ -525,7 +529,7 @@ class BoneRegistrar:
         """
         cfg = self.config
         last_step = float('inf')  # not refined: not a converged fit
-        if cfg.refine and cfg.refine_iterations > 0:
+        if self._refining:
             icp = refine_icp(self.surface, icp_pts, rotation, translation, cfg.robust_scale_mm,
                              iterations or cfg.refine_iterations, cfg.refine_tolerance_mm,
                              noise_var_mm2)
@@ -799,19 +803,17 @@ class BoneRegistrar:
         sag = float(height[middle].mean()) if middle.any() else 0.0
         anchors, anchor_normals = self._surface_anchors()
         spins = np.linspace(0.0, 2.0 * np.pi, SURFACE_SPINS, endpoint=False)
-        rotations, landing = [], []
+        rotations, landing, groups = [], [], []
         for sign in (1.0, -1.0):
             align = _rotations_onto(sign * normal, anchor_normals)  # (A, 3, 3)
             for spin in spins:
                 turn = Rotation.from_rotvec(anchor_normals * spin).as_matrix()
                 rotations.append(turn @ align)
                 landing.append(anchors - sign * sag * anchor_normals)
-        rotations = np.concatenate(rotations)
-        landing = np.concatenate(landing)
-        rotations, landing = self._prescreen(rotations, landing, prep, coarse_pts,
-                                             cfg.num_hypotheses,
-                                             groups=np.tile(np.arange(len(anchors)),
-                                                            2 * SURFACE_SPINS))
+                groups.append(np.arange(len(anchors)))
+        rotations, landing = self._prescreen(np.concatenate(rotations), np.concatenate(landing),
+                                             prep, coarse_pts, cfg.num_hypotheses,
+                                             groups=np.concatenate(groups))
         return rotations, landing, len(anchors)
 
     def _prescreen(self, rotations: np.ndarray, landing: np.ndarray, prep: '_Prepared',
@@ -838,11 +840,12 @@ class BoneRegistrar:
         order = torch.argsort(cost).cpu().numpy()
         if groups is None:
             best = order[:keep]
-        else:
+        else:  # positions in ``order``: each group's first (its best), then the next by cost
+            chosen = np.zeros(len(order), dtype=bool)
             _, first = np.unique(groups[order], return_index=True)
-            leaders = order[np.sort(first)[:keep]]  # by cost, since ``order`` is
-            rest = order[~np.isin(order, leaders)][:keep - len(leaders)]
-            best = order[np.isin(order, np.concatenate([leaders, rest]))]
+            chosen[np.sort(first)[:keep]] = True
+            chosen[np.flatnonzero(~chosen)[:keep - int(chosen.sum())]] = True
+            best = order[chosen]
         return rotations[best], landing[best]
 
     def _surface_anchors(self) -> tuple[np.ndarray, np.ndarray]:
