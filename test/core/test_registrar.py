@@ -289,6 +289,32 @@ def test_an_alternative_left_moving_is_refined_until_it_converges_or_joins_the_w
                             best.translation, prep.centroid)
 
 
+def test_the_search_for_a_distinct_alternative_refines_a_bounded_reserve(
+        phantom_registrar, phantom_mesh):
+    from neural_bone_reg.core.registrar import CANDIDATE_ICP_POINTS, MAX_RESERVE_REFINES
+
+    # A reserve whose every pose is the winner's: it is drawn at most MAX_RESERVE_REFINES
+    # times (a bounded registration time), and uniqueness is then unmeasured, so refused.
+    reg = phantom_registrar
+    prep = reg._prepare(_phantom_view(phantom_mesh))
+    refined = reg._refine(prep, reg._rescore(prep, reg._fine(prep, reg._coarse(prep)[0])))
+    best = refined[0]
+    subset = prep.icp_points[::max(len(prep.icp_points) // CANDIDATE_ICP_POINTS, 1)]
+    drawn = []
+
+    def same_pose():
+        for _ in range(3 * MAX_RESERVE_REFINES):
+            drawn.append(1)
+            yield best.rotation, best.translation
+
+    out = reg._alternative(prep, subset, [best], same_pose())
+    assert len(out) == 1 and out[0] is best
+    assert len(drawn) == MAX_RESERVE_REFINES
+    res = reg._assess(prep, [best])
+    assert not res.accepted and any('uniqueness not measured' in r
+                                    for r in res.rejection_reasons)
+
+
 def test_the_patch_prescreen_keeps_the_best_start_of_every_surface_anchor(
         phantom_registrar, phantom_mesh):
     from scipy.spatial.transform import Rotation
@@ -316,6 +342,64 @@ def test_the_patch_prescreen_keeps_the_best_start_of_every_surface_anchor(
     plain = reg._prescreen(rotations, landing, prep, pts, 6)[0]
     assert 1 not in {int(groups[np.flatnonzero((rotations == r).all(axis=(1, 2)))[0]])
                      for r in plain}
+
+
+def test_a_curved_patch_starts_from_its_pivot_and_the_pivot_s_own_normal():
+    from neural_bone_reg.core.registrar import _patch_pivot
+
+    # An L-shaped patch (a floor 40 mm deep, a wall 40 mm high, as over a bone's edge): its
+    # thinnest principal axis is no normal of either face; the pivot's local normal is.
+    rng = np.random.default_rng(3)
+    floor = np.column_stack([rng.uniform(0.0, 40.0, 3000), rng.uniform(-20.0, 20.0, 3000),
+                             np.zeros(3000)])
+    wall = np.column_stack([np.zeros(2400), rng.uniform(-20.0, 20.0, 2400),
+                            rng.uniform(0.0, 40.0, 2400)])
+    points = np.vstack([floor, wall]) + rng.normal(0.0, 0.3, (5400, 3))
+    centred = points - points.mean(axis=0)
+    pivot, normal = _patch_pivot(centred)
+    assert np.min(np.linalg.norm(centred - pivot, axis=1)) == 0.0  # a point of the patch
+    assert abs((pivot + points.mean(axis=0))[2]) < 1.5  # on the floor, away from the edge
+    _, _, axes = np.linalg.svd(centred, full_matrices=False)
+    assert abs(axes[2][2]) < np.cos(np.radians(35.0))  # the whole patch's normal: far off
+    assert abs(normal[2]) > np.cos(np.radians(5.0))
+    few = centred[np.linalg.norm(centred - pivot, axis=1) > 7.0]  # nothing near its pivot
+    assert abs(_patch_pivot(few[::40])[1] @ axes[2]) > 0.99  # falls back to the whole patch
+
+
+def test_a_patch_of_the_bone_gets_a_start_near_the_truth(phantom_registrar, phantom_mesh):
+    from neural_bone_reg.core.registrar import _patch_frames, _patch_pivot, SURFACE_SPINS
+
+    # Every start puts a point of the patch on an anchor; one of them lies within the anchor
+    # spacing and half a spin step (plus the normal's noise) of the truth, before any prescreen.
+    reg = phantom_registrar
+    view = _phantom_view(phantom_mesh, seed=4)
+    patch = view[np.linalg.norm(view - view[7], axis=1) < 30.0]
+    prep = reg._prepare(patch)
+    assert prep.is_patch
+    seen = {}
+
+    def spy(rotations, landing, prep, pts, keep, groups=None):
+        seen.update(rotations=rotations, landing=landing)
+        return rotations[:keep], landing[:keep]
+
+    reg_spy = reg.with_config(reg.config)
+    reg_spy._prescreen = spy
+    reg_spy._surface_poses(prep, reg._subset(prep, 64))
+    angle = np.degrees(np.arccos(np.clip((np.trace(seen['rotations'], axis1=1, axis2=2) - 1.0)
+                                         / 2.0, -1.0, 1.0)))
+    shift = np.linalg.norm(seen['landing'] - prep.centroid, axis=1)
+    assert np.any((angle < 15.0) & (shift < 8.0))
+    # Each start puts a frame's point exactly on its anchor (both normal signs, every spin):
+    # first the pivot, then the middle.
+    frames = _patch_frames(prep.points - prep.centroid)
+    assert np.allclose(frames[0][0], _patch_pivot(prep.points - prep.centroid)[0])
+    anchors = np.tile(reg._surface_anchors()[0], (2 * SURFACE_SPINS, 1))
+    block = len(anchors)
+    assert len(seen['landing']) == len(frames) * block
+    for i, (point, _) in enumerate(frames):
+        rows = slice(i * block, (i + 1) * block)
+        assert np.allclose(seen['landing'][rows] + seen['rotations'][rows] @ point, anchors,
+                           atol=1e-9)
 
 
 def test_a_patch_is_scored_on_patch_coarse_points_in_the_coarse_stage(
