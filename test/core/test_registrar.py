@@ -259,16 +259,14 @@ def test_an_alternative_left_moving_is_refined_until_it_converges_or_joins_the_w
         phantom_registrar, phantom_mesh):
     from scipy.spatial.transform import Rotation
 
-    from neural_bone_reg.core.registrar import CANDIDATE_ICP_POINTS, MAX_LAST_STEP_MM
+    from neural_bone_reg.core.registrar import MAX_LAST_STEP_MM
 
     # An alternative that ICP left moving is not an optimum: compared with it, a correct fit
     # read as ambiguous (specimen00's right femur, 2 mm of noise: z 4.7 against a pose 11 deg
     # away that was sliding into the winner). It is refined on; joining the winner, it drops.
     reg = phantom_registrar
-    prep = reg._prepare(_phantom_view(phantom_mesh))
-    refined = reg._refine(prep, reg._rescore(prep, reg._fine(prep, reg._coarse(prep)[0])))
+    prep, refined, subset = _refined_view(reg, phantom_mesh)
     best = refined[0]
-    subset = prep.icp_points[::max(len(prep.icp_points) // CANDIDATE_ICP_POINTS, 1)]
     kept = reg._alternative(prep, subset, list(refined), iter([]))  # converged: kept as is
     assert len(kept) == len(refined) and all(a is b for a, b in zip(kept, refined))
     turn = Rotation.from_rotvec(np.radians(15.0) * np.array([0.0, 0.0, 1.0])).as_matrix()
@@ -291,15 +289,13 @@ def test_an_alternative_left_moving_is_refined_until_it_converges_or_joins_the_w
 
 def test_the_search_for_a_distinct_alternative_refines_a_bounded_reserve(
         phantom_registrar, phantom_mesh):
-    from neural_bone_reg.core.registrar import CANDIDATE_ICP_POINTS, MAX_RESERVE_REFINES
+    from neural_bone_reg.core.registrar import MAX_RESERVE_REFINES
 
     # A reserve whose every pose is the winner's: it is drawn at most MAX_RESERVE_REFINES
     # times (a bounded registration time), and uniqueness is then unmeasured, so refused.
     reg = phantom_registrar
-    prep = reg._prepare(_phantom_view(phantom_mesh))
-    refined = reg._refine(prep, reg._rescore(prep, reg._fine(prep, reg._coarse(prep)[0])))
+    prep, refined, subset = _refined_view(reg, phantom_mesh)
     best = refined[0]
-    subset = prep.icp_points[::max(len(prep.icp_points) // CANDIDATE_ICP_POINTS, 1)]
     drawn = []
 
     def same_pose():
@@ -422,6 +418,16 @@ def test_a_patch_is_scored_on_patch_coarse_points_in_the_coarse_stage(
         counts.clear()
         reg._coarse(prep)
         assert counts[0] == expected
+
+
+def _refined_view(reg, phantom_mesh):
+    """Return a phantom view's prepared cloud, its refined candidates and the ICP subset."""
+    from neural_bone_reg.core.registrar import CANDIDATE_ICP_POINTS
+
+    prep = reg._prepare(_phantom_view(phantom_mesh))
+    refined = reg._refine(prep, reg._rescore(prep, reg._fine(prep, reg._coarse(prep)[0])))
+    subset = prep.icp_points[::max(len(prep.icp_points) // CANDIDATE_ICP_POINTS, 1)]
+    return prep, refined, subset
 
 
 def _phantom_view(phantom_mesh, seed=0):
