@@ -39,7 +39,7 @@ from neural_bone_reg.core import metrics
 from neural_bone_reg.core.bench import (_scoring_points, bench_trial, floor_of_case, icp_floor,
                                         mahalanobis_sq, pose_error)
 from neural_bone_reg.core.confidence import (CHI2_95_6DOF, cluster_labels, covariance_terms,
-                                             noise_level, precision_bounds)
+                                             noise_level, precision_bounds, rigid_error_covariance)
 from neural_bone_reg.core.config import RegistrationConfig
 from neural_bone_reg.core.errors import InputError
 from neural_bone_reg.core.refine import linearise
@@ -119,7 +119,8 @@ def _terms(reg: BoneRegistrar, moved: np.ndarray, transform: np.ndarray) -> dict
         return {}
     labels, count = cluster_labels(lin.surface_points, cfg.cluster_mm)
     out = {'noise_level_mm': noise_level(lin.residual, labels, count),
-           'target': apply_transform(transform, reg.validate(moved)).mean(axis=0).tolist()}
+           'target': apply_transform(transform, reg.validate(moved)).mean(axis=0).tolist(),
+           'centre': lin.points.mean(axis=0).tolist()}
     out.update(_cluster_offsets(lin.residual, labels, out['noise_level_mm'],
                                 cfg.inlier_threshold_mm))
     for length in LENGTHS_MM:  # the sandwich does not depend on the length
@@ -161,15 +162,22 @@ class Setting:
     noise_bias: float
     min_z: float
     residual_factor: float = 0.0
+    rigid_mm: float = 0.0
+    rigid_deg: float = 0.0
 
     def covariance(self, row: dict) -> np.ndarray:
         """Return the covariance this setting gives the row's fit (as the registrar would)."""
         offset2 = self.systematic_mm ** 2 + (self.noise_bias * row['noise_level_mm'] ** 2) ** 2
+        rigid = rigid_error_covariance(np.asarray(row.get('centre', row['target'])),
+                                       self.rigid_mm, self.rigid_deg)
         return (self.scale * np.asarray(row['sandwich'])
-                + offset2 * np.asarray(row[f'unit_systematic_{self.length_mm:g}']))
+                + offset2 * np.asarray(row[f'unit_systematic_{self.length_mm:g}']) + rigid)
 
 
-GRID = [Setting(*values) for values in itertools.product(
+#: The rigid error is not searched: held-out bench seeds chose it (see the config's doc).
+RIGID = dict(rigid_mm=RegistrationConfig().rigid_error_mm,
+             rigid_deg=RegistrationConfig().rigid_error_deg)
+GRID = [Setting(*values, **RIGID) for values in itertools.product(
     (1.0, 2.0, 3.0, 4.0), (0.0, 0.25, 0.5, 0.75, 1.0), LENGTHS_MM,
     (0.0, 0.025, 0.05, 0.075, 0.1, 0.15), (3.0, 4.0, 5.0, 6.0), (0.0, 0.6, 0.7, 0.8))]
 #: Protocol groups over which coverage must hold on its own.
@@ -187,7 +195,8 @@ def judge(rows: list[dict], setting: Setting, cfg: RegistrationConfig,
     Mahalanobis^2 per covariance model, which the gates (``min_z``,
     ``residual_factor``) do not change.
     """
-    key = (setting.scale, setting.systematic_mm, setting.length_mm, setting.noise_bias)
+    key = (setting.scale, setting.systematic_mm, setting.length_mm, setting.noise_bias,
+           setting.rigid_mm, setting.rigid_deg)
     if cache is None or key not in cache:
         measured = []
         for row in rows:
@@ -266,7 +275,7 @@ def analyse(rows: list[dict]) -> None:
           f"wrong ({sum(not r['right_bone'] for r in done)} on another bone)")
     current = Setting(cfg.covariance_scale, cfg.systematic_error_mm, cfg.systematic_length_mm,
                       cfg.systematic_noise_gain, cfg.gate_min_uniqueness_z,
-                      cfg.gate_residual_noise_factor)
+                      cfg.gate_residual_noise_factor, cfg.rigid_error_mm, cfg.rigid_error_deg)
     print(f'\nthe configured setting {current}:\n  {_line(score(judge(done, current, cfg)))}')
     print('\nleave one case out (chosen on the other cases, their clouds on every bone; '
           'scored on the held-out bone):')

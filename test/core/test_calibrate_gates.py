@@ -35,20 +35,22 @@ def _row(calibrate, protocol, *, right_bone=True, correct=True, z=10.0, delta_mm
 def test_the_chosen_setting_covers_the_patch_error_and_keeps_the_wrong_fit_out(calibrate):
     rows = [
         _row(calibrate, 'full', unit=(0.1, 1e-6)),
-        # A correct patch 0.8 mm off the floor: its sandwich alone (0.1 mm) cannot cover it,
-        # a systematic offset of 0.25-0.5 mm can, and 0.75 mm is too imprecise to accept.
-        _row(calibrate, 'patch40', delta_mm=0.8),
+        # A correct patch 1.6 mm off the floor: its sandwich and the configured rigid error
+        # (0.1 and 0.3 mm per axis) cannot cover it, a systematic offset of 0.32-0.64 mm can,
+        # and more is too imprecise to accept.
+        _row(calibrate, 'patch40', delta_mm=1.6),
         # A wrong fit on another bone, as precise as any, at 5.5 standard errors.
         _row(calibrate, 'full', right_bone=False, correct=False, z=5.5, cloud='b'),
     ]
     cfg = RegistrationConfig()
     setting, result = calibrate.choose(rows, cfg)
     assert setting.min_z == 6.0
-    assert 0.05 <= setting.systematic_mm ** 2 + setting.noise_bias ** 2 <= 0.52
+    assert (setting.rigid_mm, setting.rigid_deg) == (cfg.rigid_error_mm, cfg.rigid_error_deg)
+    assert 0.1 <= setting.systematic_mm ** 2 + setting.noise_bias ** 2 <= 0.42
     assert result['patch']['accepted_correct'] == 1 and result['patch']['coverage'] == 1.0
     assert result['wrong_accepted'] == 0 and result['full']['accepted_correct'] == 1
     # No systematic term: the patch is accepted but its ellipsoid misses the error.
-    bare = calibrate.Setting(1.0, 0.0, 50.0, 0.0, 6.0)
+    bare = calibrate.Setting(1.0, 0.0, 50.0, 0.0, 6.0, **calibrate.RIGID)
     scored = calibrate.score(calibrate.judge(rows, bare, cfg))
     assert scored['patch']['coverage'] == 0.0 and not calibrate.feasible(scored)
 
@@ -104,3 +106,21 @@ def test_cluster_offsets_measure_what_a_cluster_shares_beyond_its_noise(calibrat
     assert out['cluster_offset_centred_mm'] == pytest.approx(1.0, abs=0.02)
     assert out['cluster_offset_rms_mm'] == pytest.approx(np.sqrt(1.25), abs=0.02)
     assert out['mean_offset_mm'] == pytest.approx(0.5, abs=0.02)
+
+
+def test_the_replayed_covariance_carries_the_registrar_s_rigid_error(calibrate):
+    from neural_bone_reg.core.confidence import rigid_error_covariance
+
+    # The replay must score the covariance the registrar gives: the rigid error about the
+    # fit's centre (its ICP points' mean), or the cloud's centroid in rows that lack it.
+    row = _row(calibrate, 'patch60')
+    row['target'] = [10.0, -300.0, 1500.0]
+    plain = calibrate.Setting(2.0, 0.0, 50.0, 0.1, 6.0)
+    rigid = dataclasses.replace(plain, rigid_mm=0.3, rigid_deg=0.1)
+    expected = rigid_error_covariance(np.asarray(row['target']), 0.3, 0.1)
+    np.testing.assert_allclose(rigid.covariance(row) - plain.covariance(row), expected,
+                               atol=1e-12)
+    row['centre'] = [12.0, -298.0, 1490.0]
+    expected = rigid_error_covariance(np.asarray(row['centre']), 0.3, 0.1)
+    np.testing.assert_allclose(rigid.covariance(row) - plain.covariance(row), expected,
+                               atol=1e-12)

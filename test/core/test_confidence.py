@@ -200,6 +200,30 @@ def test_covariance_in_parent_matches_sampled_poses():
     np.testing.assert_allclose(predicted, empirical, atol=0.06 * np.abs(cov).max())
 
 
+def test_rigid_error_covariance_matches_sampled_rigid_errors_about_the_centre():
+    from scipy.spatial.transform import Rotation
+
+    from neural_bone_reg.core.se3 import make_transform, se3_log
+
+    # A rigid error of the whole cloud: turned about its centre (0.5 deg RMS per axis), then
+    # shifted (0.4 mm per axis). Far from the bone origin, the turn moves the origin too.
+    rng = np.random.default_rng(6)
+    centre = np.array([80.0, -120.0, 40.0])
+    deltas = []
+    for _ in range(4000):
+        turn = Rotation.from_rotvec(rng.normal(0.0, np.radians(0.5), 3)).as_matrix()
+        shift = rng.normal(0.0, 0.4, 3)
+        deltas.append(se3_log(make_transform(turn, centre + shift - turn @ centre)))
+    empirical = np.cov(np.asarray(deltas).T)
+    predicted = confidence.rigid_error_covariance(centre, 0.4, 0.5)
+    scale = np.sqrt(np.outer(np.diag(predicted), np.diag(predicted)))
+    np.testing.assert_allclose(predicted / scale, empirical / scale, atol=0.06)
+    # At the centre, the point moves by the translation alone.
+    at_centre = confidence.point_covariance(predicted, centre)
+    np.testing.assert_allclose(at_centre, 0.16 * np.eye(3), atol=1e-9)
+    assert np.allclose(confidence.rigid_error_covariance(centre, 0.0, 0.0), 0.0)
+
+
 def _random_rotation(rng):
     from scipy.spatial.transform import Rotation
     return Rotation.random(random_state=int(rng.integers(1e9))).as_matrix()

@@ -127,6 +127,29 @@ def test_accepted_result_carries_a_finite_covariance_and_bounds(
                                   'guidance'}
 
 
+def test_the_rigid_error_of_the_whole_cloud_is_in_every_covariance(
+        phantom_registrar, phantom_mesh):
+    from neural_bone_reg.core.confidence import CHI2_95_3DOF
+
+    # The cloud's shared rigid error (rigid_error_mm / _deg) adds to the covariance as it is:
+    # at 0 the bounds are the residuals' alone; at 3 mm the centroid bound is at least
+    # sqrt(chi2_3) x 3 mm and the fit is refused as imprecise, whatever its residuals say.
+    rng = np.random.default_rng(0)
+    cloud = sim.simulate_partial_cloud(phantom_mesh, rng, coverage=0.3, noise_mm=1.0,
+                                       outlier_fraction=0.05, n_points=2000)
+    base = phantom_registrar.config
+    results = {}
+    for mm, deg in ((0.0, 0.0), (base.rigid_error_mm, base.rigid_error_deg), (3.0, 0.0)):
+        reg = phantom_registrar.with_config(replace(base, rigid_error_mm=mm, rigid_error_deg=deg))
+        results[mm] = reg.register(cloud)
+    plain, default, wide = results[0.0], results[base.rigid_error_mm], results[3.0]
+    assert np.allclose(plain.transform, wide.transform)  # the pose does not change
+    assert plain.bound_mm < default.bound_mm < wide.bound_mm
+    assert np.all(np.linalg.eigvalsh(default.covariance - plain.covariance) > -1e-9)
+    assert wide.bound_mm >= np.sqrt(CHI2_95_3DOF) * 3.0 - 1e-9
+    assert not wide.accepted and any(r.startswith('imprecise') for r in wide.rejection_reasons)
+
+
 def test_refused_shaft_patch_says_where_more_data_would_help(phantom_registrar, phantom_mesh):
     pts = np.asarray(phantom_mesh.sample(40_000, seed=3))
     shaft = pts[(pts[:, 2] > 50) & (pts[:, 2] < 100)][:3000]

@@ -9,6 +9,8 @@ spread from the variation *between* clusters (cluster-robust, "sandwich" statist
   distinct alternative, per-point truncated distances compared cluster by cluster.
 * :func:`pose_covariance`: the covariance of the pose error, sandwich form, plus the
   Gauss-Newton term so that directions the data do not constrain at all stay uncertain.
+* :func:`rigid_error_covariance`: a rigid error the whole cloud shares (the probe's tracking),
+  which no statistic of the cloud's own residuals can see.
 * :func:`precision_bounds`: the 95 % bounds that covariance implies at a point.
 
 Convention of the covariance (the package's): the error of ``T`` (cloud -> bone) is a small
@@ -182,6 +184,23 @@ def covariance_terms(points: np.ndarray, normals: np.ndarray, residual: np.ndarr
         cov = shift @ (eigvec @ term @ eigvec.T) @ shift.T
         out.append((cov + cov.T) / 2.0)
     return out[0], out[1]
+
+
+def rigid_error_covariance(centre: np.ndarray, translation_mm: float,
+                           rotation_deg: float) -> np.ndarray:
+    """Return the (6, 6) covariance (module convention) of a rigid error of the whole cloud.
+
+    The error moves the cloud's ``centre`` (bone frame, mm) by ``translation_mm`` RMS per axis
+    and turns it about that centre by ``rotation_deg`` RMS per axis, independently: what the
+    tracking of the few probe frames of a short sweep shares, seen against the whole sweep.
+    """
+    rotation = np.radians(rotation_deg) ** 2
+    about_centre = np.diag([translation_mm ** 2] * 3 + [rotation] * 3)
+    # delta = (v, omega) with v the motion of the origin: v = u + centre x omega.
+    shift = np.eye(POSE_DOF)
+    shift[:3, 3:] = _skew(np.asarray(centre, dtype=np.float64))
+    cov = shift @ about_centre @ shift.T
+    return (cov + cov.T) / 2.0
 
 
 def noise_level(residual: np.ndarray, labels: np.ndarray, n_clusters: int) -> float:

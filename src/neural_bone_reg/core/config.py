@@ -308,6 +308,19 @@ class RegistrationConfig:
              'for noise on a curved surface biases a fit by about sigma^2 times the curvature: '
              'noisy clouds are de-biased for that, and this term covers what is left and the '
              'systematic errors that grow with the noise.'))
+    rigid_error_mm: float = spec(
+        0.3, strict='higher', low=0.0, high=100.0, unit='mm',
+        doc=('RMS per axis of a rigid translation error that the whole cloud shares (the '
+             "probe's tracking and calibration over the frames of a sweep), at the cloud's "
+             "centroid, mm. Nothing in the cloud's residuals shows it: specimen00's short "
+             'sweeps, each well fitted, lie off the whole sweep by more than their residuals '
+             'allow. Chosen with rigid_error_deg on held-out bench seeds (8-11, patches of 40 '
+             'and 60 mm, errors against the case floor) as the pair with the best coverage '
+             'that keeps every full and noisy sweep of the bench accepted, the smallest '
+             'rotation first; see the README.'))
+    rigid_error_deg: float = spec(
+        0.1, strict='higher', low=0.0, high=45.0, unit='deg',
+        doc='RMS per axis of the rigid rotation error about the centroid that goes with it, deg.')
     gate_min_uniqueness_z: float = spec(
         6.0, strict='higher', low=0.0, high=1000.0,
         doc=('Accept only if the best pose fits better than the best distinct alternative by at '

@@ -16,7 +16,7 @@ import torch
 
 from neural_bone_reg.core.confidence import (check_geometry, cluster_labels, noise_level,
                                              pose_covariance, Precision, precision_bounds,
-                                             uniqueness_z)
+                                             rigid_error_covariance, uniqueness_z)
 from neural_bone_reg.core.config import Configs, registration_preset, RegistrationConfig
 from neural_bone_reg.core.errors import InputError
 from neural_bone_reg.core.fields import GridField
@@ -617,6 +617,8 @@ class BoneRegistrar:
                                      labels, n_clusters, scale=cfg.covariance_scale,
                                      systematic_mm=systematic,
                                      correlation_mm=cfg.systematic_length_mm)
+        covariance = covariance + rigid_error_covariance(
+            lin.points.mean(axis=0), cfg.rigid_error_mm, cfg.rigid_error_deg)
         if not np.isfinite(covariance).all():  # nan noise: every point alone in its cluster
             return np.full((6, 6), np.inf), None, noise
         return covariance, precision_bounds(covariance, target), noise
