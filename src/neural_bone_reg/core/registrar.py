@@ -517,13 +517,20 @@ class BoneRegistrar:
         """
         if len(points) <= len(icp_pts):
             return icp_pts, 0.0
-        lin = linearise(self.surface, icp_pts @ rotation.T + translation,
-                        self.config.robust_scale_mm)
+        noise_var = self._noise_to_debias(linearise(
+            self.surface, icp_pts @ rotation.T + translation, self.config.robust_scale_mm))
+        return (points, noise_var) if noise_var > 0.0 else (icp_pts, 0.0)
+
+    def _noise_to_debias(self, lin: Linearisation | None) -> float:
+        """Return the noise variance (mm^2) to de-bias a fit for: sigma^2 of a noisy cloud.
+
+        0 unless the point noise measured on ``lin`` exceeds ``NOISY_CLOUD_MM``.
+        """
         if lin is None:
-            return icp_pts, 0.0
+            return 0.0
         labels, n_clusters = cluster_labels(lin.surface_points, self.config.cluster_mm)
         noise = noise_level(lin.residual, labels, n_clusters)
-        return (points, noise ** 2) if noise > NOISY_CLOUD_MM else (icp_pts, 0.0)
+        return noise ** 2 if noise > NOISY_CLOUD_MM else 0.0
 
     @property
     def _refining(self) -> bool:
@@ -677,7 +684,8 @@ class BoneRegistrar:
         the ICP settled (its last step under ``TRACK_MAX_LAST_STEP_MM``) and the step from
         ``prior`` is within those bounds; otherwise the caller should fall back to
         ``register``. Ambiguity is not measured (nan): continuity with an accepted pose
-        stands in for it.
+        stands in for it. A cloud noisier than ``NOISY_CLOUD_MM`` gets a second ICP
+        de-biased for its measured noise, as in ``register``.
         """
         start = time.perf_counter()
         cfg = self.config
@@ -692,15 +700,24 @@ class BoneRegistrar:
         icp = refine_icp(self.surface, icp_pts, rot0, tr0, cfg.robust_scale_mm,
                          TRACK_ICP_ITERATIONS, TRACK_ICP_TOLERANCE_MM)
         rot, tr = icp.rotation, icp.translation
-        centroid = pts.mean(axis=0)
-        step_deg = float(geodesic_deg(rot, rot0))
-        step_mm = float(np.linalg.norm((rot - rot0) @ centroid + tr - tr0))
         # One linearisation of the ICP subset gives the fit statistics (its matches' distances:
         # no second query), the constraint and the covariance.
         moved = icp_pts @ rot.T + tr
         lin = linearise(self.surface, moved, cfg.robust_scale_mm)
-        # Unmatched points are outliers, unless the inlier threshold is set wider than that.
-        reuse = lin is not None and cfg.inlier_threshold_mm <= lin.unmatched_beyond_mm
+        noise_var = self._noise_to_debias(lin)
+        if noise_var > 0.0:  # a noisy cloud: de-bias the fit as ``register`` does
+            icp = refine_icp(self.surface, icp_pts, rot, tr, cfg.robust_scale_mm,
+                             TRACK_ICP_ITERATIONS, TRACK_ICP_TOLERANCE_MM, noise_var)
+            rot, tr = icp.rotation, icp.translation
+            moved = icp_pts @ rot.T + tr
+            lin = linearise(self.surface, moved, cfg.robust_scale_mm, noise_var)
+        centroid = pts.mean(axis=0)
+        step_deg = float(geodesic_deg(rot, rot0))
+        step_mm = float(np.linalg.norm((rot - rot0) @ centroid + tr - tr0))
+        # Unmatched points are outliers, unless the inlier threshold is set wider than that;
+        # de-biased residuals are not distances.
+        reuse = (lin is not None and cfg.inlier_threshold_mm <= lin.unmatched_beyond_mm
+                 and noise_var == 0.0)
         residual, inlier_fraction = self._fit_quality(
             lin.distances(self.surface) if reuse else self.surface.distances(moved))
         constraint = constraint_from_linearisation(lin)
