@@ -345,14 +345,36 @@ def test_coverage_against_both_floors(stand_in_case):
         bench.run_trial(reg, cloud, 0, 0)
 
 
+@pytest.mark.parametrize('reason, test', [
+    ('ambiguous: a distinct pose fits only 0.1 mm worse per point', 'ambiguous'),
+    ('imprecise: 95 % bound 2.56 mm at the cloud centroid (gate 2.0 mm)', 'imprecise'),
+    ('residual 1.20 mm > 0.90 mm', 'residual'),
+    ('inlier fraction 0.41 < 0.50', 'inlier fraction'),
+    ('too noisy: measured point noise 5.10 mm > 4.00 mm', 'too noisy'),
+    ('no number here', 'no number here'),
+])
+def test_refusal_test_names_the_failed_test(reason, test):
+    assert bench.refusal_test(reason) == test
+
+
 def test_summary_counts():
     base = dict(n_points=100, time_s=1.0, rre_deg=1.0, rte_mm=1.0, chamfer_mm=1.0,
                 floor_rre_deg=1.0, floor_rte_mm=1.0, same_optimum=False, search_miss=False)
-    rows = [dict(base, success=True, accepted=True, same_optimum=True),
-            dict(base, success=True, accepted=False),
+    ambiguous = ('ambiguous: a distinct pose (22 deg / 90 mm away) fits only 0.598 mm worse '
+                 'per point, 5.4 standard errors (gate 6.0)')
+    imprecise = 'imprecise: 95 % rotation bound 2.39 deg (gate 2.0 deg)'
+    rows = [dict(base, success=True, accepted=True, same_optimum=True, rejection_reasons=[]),
+            dict(base, success=True, accepted=False, rejection_reasons=[ambiguous]),
             dict(base, success=False, accepted=True, rre_deg=90.0),
-            dict(base, success=False, accepted=False, search_miss=True, rre_deg=90.0)]
+            dict(base, success=False, accepted=False, search_miss=True, rre_deg=90.0,
+                 floor_rre_deg=12.0, rejection_reasons=[imprecise, 'residual 1.20 mm > 0.90 mm',
+                                                        ambiguous, imprecise])]
     summary = bench.summarise(rows)
+    assert summary['reachable'] == 3  # the last trial's floor is 12 deg off
+    assert summary['correct_refused_by'] == {'ambiguous': 1}
+    assert summary['wrong_refused_by'] == {'ambiguous+imprecise+residual': 1}
+    no_input = dict(base, success=False, accepted=False, input_error='too few points')
+    assert bench.summarise([no_input])['wrong_refused_by'] == {'input error': 1}
     assert summary['accepted_correct'] == 0.25
     assert summary['correct_rejected'] == summary['rejected_correct'] == 1
     assert summary['wrong_accepted'] == summary['accepted_wrong'] == 1

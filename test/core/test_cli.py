@@ -74,6 +74,7 @@ def test_bench_patch_json_has_floors_misses_and_coverage(tmp_path, phantom_path,
     assert code == 0
     out = capsys.readouterr().out
     assert 'misses' in out and 'phantom floor' in out
+    assert 'reachable (own floor correct): ' in out and 'refused, by the tests failed' in out
     record = json.loads(out_json.read_text())
     assert record['protocol']['patch_mm'] == 50.0 and record['protocol']['noise_mm'] == 0.5
     floor = record['floors']['phantom']
@@ -81,7 +82,8 @@ def test_bench_patch_json_has_floors_misses_and_coverage(tmp_path, phantom_path,
     for summary in (record['summary'], record['per_case']['phantom']):
         assert set(summary) >= {'accepted_correct', 'correct_rejected', 'wrong_accepted',
                                 'search_misses', 'coverage_trial_floor',
-                                'coverage_case_floor', 'bound_median_mm'}
+                                'coverage_case_floor', 'bound_median_mm', 'reachable',
+                                'correct_refused_by', 'wrong_refused_by'}
         assert summary['trials'] == 1
     for row in record['trials']:
         assert 100 <= row['n_points'] < len(cloud)

@@ -171,6 +171,13 @@ def _print_table(per_case: dict[str, dict[str, Any]], summary: dict[str, Any]) -
               f"{fmt(s['coverage_trial_floor']):>7}{fmt(s['coverage_case_floor']):>7}"
               f"{fmt(s['bound_median_mm']):>7}")
 
+    def by_test(counts: dict[str, int]) -> str:
+        return ', '.join(f'{test} {n}' for test, n in counts.items()) or 'none'
+
+    print(f"\nreachable (own floor correct): {summary['reachable']} of {summary['trials']}; "
+          f"refused, by the tests failed: correct {by_test(summary['correct_refused_by'])}; "
+          f"wrong {by_test(summary['wrong_refused_by'])}")
+
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run the benchmark protocol and print, save and plot the figures."""

@@ -28,8 +28,10 @@ each floor is scored by its squared Mahalanobis distance; 95 % of them should li
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -353,13 +355,38 @@ def _fraction(flags: list[bool]) -> float | None:
     return float(np.mean(flags)) if flags else None
 
 
+def refusal_test(reason: str) -> str:
+    """Return the name of the test a refusal reason reports: 'ambiguous', 'imprecise', ...
+
+    The reason's text before its first ':' or, for a reason without one ('residual 1.20 mm >
+    0.90 mm'), before its first number.
+    """
+    head = reason.split(':', 1)[0] if ':' in reason else re.split(r'[-+]?\d', reason, 1)[0]
+    return head.strip() or reason
+
+
+def refusals_by_test(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Count refused rows by the set of tests each failed ('ambiguous+imprecise'), sorted.
+
+    A row whose input was rejected (``input_error``) counts as 'input error'.
+    """
+    counts = Counter('input error' if 'input_error' in r else '+'.join(
+        sorted({refusal_test(x) for x in r.get('rejection_reasons', ())})) or 'no reason given'
+        for r in rows if not r['accepted'])
+    return dict(sorted(counts.items()))
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Return the figures of a set of trial rows (one case or all).
 
     ``accepted_correct`` is a fraction of the trials; ``correct_rejected``, ``wrong_accepted``
     and ``search_misses`` are counts (``accepted_wrong`` and ``rejected_correct`` are their
-    older names). Coverage is over the accepted trials that carry a measured covariance;
-    ``accepted_without_covariance`` counts the others.
+    older names). ``reachable`` counts the trials whose own floor (ICP from the truth) is
+    correct: in the others not even the truth's neighbourhood holds the pose, and refusing is
+    right. ``correct_refused_by`` counts the correct but refused trials by the tests they
+    failed (:func:`refusals_by_test`), ``wrong_refused_by`` the wrong ones. Coverage is over
+    the accepted trials that carry a measured covariance; ``accepted_without_covariance``
+    counts the others.
     """
     if not rows:
         raise ValueError('summarise needs at least one trial row')
@@ -367,6 +394,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     accepted = [r for r in rows if r['accepted']]
     wrong_accepted = sum(r['accepted'] and not r['success'] for r in rows)
     correct_rejected = sum(r['success'] and not r['accepted'] for r in rows)
+    reachable = sum(r.get('floor_rre_deg') is not None
+                    and metrics.is_success(r['floor_rre_deg'], r['floor_rte_mm']) for r in rows)
     floors = [r for r in rows if r.get('floor_rre_deg') is not None]
     with_cov = [r for r in accepted if r.get('mahalanobis2_trial_floor') is not None]
     with_case_cov = [r for r in accepted if r.get('mahalanobis2_case_floor') is not None]
@@ -382,6 +411,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         'correct_rejected': correct_rejected,
         'wrong_accepted': wrong_accepted,
         'search_misses': sum(r['search_miss'] for r in rows),
+        'reachable': reachable,
+        'correct_refused_by': refusals_by_test([r for r in rows if r['success']]),
+        'wrong_refused_by': refusals_by_test([r for r in rows if not r['success']]),
         'same_optimum': sum(r['same_optimum'] for r in rows),
         'input_errors': sum('input_error' in r for r in rows),
         'accepted_wrong': wrong_accepted,
