@@ -88,7 +88,8 @@ REGISTRATION_NODE_HEAD = """\
     # Torch device: 'auto' (CUDA when present), 'cpu' or 'cuda'. Read-only.
     device: 'auto'
     # Registration preset: 'default', 'paper' or 'fast'. registration.* values left at the
-    # dataclass defaults take the preset's values. Read-only.
+    # dataclass defaults take the preset's values (one set at runtime is used as set, even
+    # to the default). Read-only.
     preset: 'default'
     # Clouds declaring more points than this (width x height) are rejected before conversion.
     # Range [1, 100000000].

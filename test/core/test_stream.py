@@ -412,6 +412,78 @@ def test_a_reset_or_change_after_the_job_was_taken_voids_its_result(change, reas
     assert outcome.voided == '' and outcome.result.accepted
 
 
+@pytest.mark.parametrize('change, reason', [
+    (lambda stream, registrar: stream.reset(), 'reset'),
+    (lambda stream, registrar: stream.configure(mode='single'), 'mode change'),
+    (lambda stream, registrar: stream.set_registration(RegistrationConfig(
+        gate_min_uniqueness_z=8.0)), 'registration config change'),
+    (lambda stream, registrar: stream.use_registrar(registrar), 'model change'),
+])
+def test_a_change_between_the_solve_and_the_broadcast_voids_it(change, reason) -> None:
+    stream, registrar = make('track')
+    stream.add_cloud(points(), 'robot', _NS)
+    work = stream.take_work()
+    outcome = stream.solve(work.job, work.epoch, 'bone', work.voids)
+    assert outcome.voided == '' and outcome.result.accepted
+    sent = []
+    # Standing: the broadcast runs (under the lock) and its value comes back.
+    assert stream.commit(outcome, lambda: sent.append(1) or 'published') == ('', 'published')
+    change(stream, registrar)  # after the solve, before its broadcast
+    assert stream.commit(outcome, lambda: sent.append(2)) == (reason, None)
+    assert sent == [1]
+    voided = Outcome(outcome.job, 'bone', result=outcome.result, voided='reset',
+                     voids=stream._voided)
+    assert stream.commit(voided, lambda: sent.append(3)) == ('reset', None) and sent == [1]
+
+
+def test_a_change_during_the_broadcast_waits_for_it() -> None:
+    stream, registrar = make('single')
+    stream.add_cloud(points(), 'robot', _NS)
+    work = stream.take_work()
+    outcome = stream.solve(work.job, work.epoch, 'bone', work.voids)
+    started, release, order = threading.Event(), threading.Event(), []
+
+    def send() -> str:
+        started.set()
+        release.wait(THREAD_WAIT_S)
+        order.append('sent')
+        return 'published'
+
+    sender = threading.Thread(target=stream.commit, args=(outcome, send))
+    sender.start()
+    assert started.wait(THREAD_WAIT_S)
+    resetter = threading.Thread(target=lambda: order.append(('reset', stream.reset())))
+    resetter.start()
+    resetter.join(0.2)
+    assert resetter.is_alive() and order == []  # the reset waits for the broadcast
+    release.set()
+    sender.join(THREAD_WAIT_S)
+    resetter.join(THREAD_WAIT_S)
+    assert order[0] == 'sent' and order[1][0] == 'reset'
+
+
+@pytest.mark.parametrize('change', [
+    lambda stream: stream.reset(),
+    lambda stream: stream.configure(sweep=SweepConfig(min_points=100)),
+])
+def test_slices_taken_before_a_reset_or_new_sweep_do_not_enter_the_next(change) -> None:
+    stream, registrar = make('sweep', sweep=SweepConfig(min_points=100))
+    stream.add_cloud(points(500), 'robot', _NS)
+    work = stream.take_work()
+    assert len(work.slices) == 1
+    change(stream)  # while the worker looks the slices' frames up
+    assert stream.add_slices(work.slices, work.generation) == []
+    stream.finish()
+    assert stream.sweep_points == 0 and stream.counts().dropped == 1
+    assert drain(stream) == []  # nothing is solved from the old slices
+    # Slices taken after the change go in.
+    stream.add_cloud(points(500, seed=1), 'robot', 2 * _NS)
+    work = stream.take_work()
+    stream.add_slices(work.slices, work.generation)
+    stream.finish()
+    assert stream.sweep_points > 0
+
+
 def test_a_changed_bone_frame_is_not_tracked_across() -> None:
     stream, registrar = make('track')
     stream.add_cloud(points(), 'robot', _NS)

@@ -188,6 +188,23 @@ def test_preset_and_overrides_build_the_config(ros_context: Any) -> None:
         node.destroy_node()
 
 
+def test_a_runtime_override_of_a_preset_is_used_even_at_the_default(ros_context: Any) -> None:
+    default = RegistrationConfig().num_hypotheses
+    node = registration_node(ros_context, preset='fast')
+    try:
+        assert node._configs.registration.num_hypotheses == 512  # the preset's
+        assert node.set_parameters([Parameter('registration.num_hypotheses',
+                                              value=default)])[0].successful
+        assert node._configs.registration.num_hypotheses == default  # as set, as read back
+        # Another change later does not bring the preset's value back.
+        assert node.set_parameters([Parameter('registration.fine_top_k', value=8)])[0].successful
+        config = node._configs.registration
+        assert (config.num_hypotheses, config.fine_top_k) == (default, 8)
+        assert config.coarse_iterations == 60  # still the preset's where nothing was set
+    finally:
+        node.destroy_node()
+
+
 @pytest.mark.parametrize('name,value,expected', [
     ('registration.num_hypotheses', 0, 'registration.num_hypotheses'),
     ('sweep.voxel_mm', -1.0, 'sweep.voxel_mm'),
@@ -687,6 +704,27 @@ def test_a_cloud_in_another_frame_than_robot_frame_needs_a_tf_lookup(
     assert scripted.calls == [] and node.n_broadcasts == 0 and node.n_tf_failures == 1
 
 
+def test_a_bone_frame_changed_to_a_waiting_clouds_frame_gives_no_self_transform(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
+    """robot_frame '': each cloud's frame is the parent; the child must still differ."""
+    node = spin(registration_node(ros_context, mode='single', robot_frame='',
+                                  bone_frame='bone'))
+    scripted = ScriptedRegistrar(block=True)
+    node.use_registrar(scripted)
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    node.on_points(cloud(patch_points(), frame='cam', stamp_ns=1_000_000_000))
+    assert scripted.started.wait(SOLVE_TIMEOUT_S)
+    node.on_points(cloud(patch_points(1), frame='cam', stamp_ns=2_000_000_000))  # waits
+    assert node.set_parameters([Parameter('bone_frame', value='cam')])[0].successful
+    scripted.release.set()
+    array = diags.wait_for(lambda a: find_status(a, 'registration', level=DiagnosticStatus.ERROR)
+                           is not None, SOLVE_TIMEOUT_S)
+    assert array is not None, 'no ERROR diagnostic for a cloud in the bone frame'
+    assert 'is the bone frame' in find_status(array, 'registration').message
+    assert node.wait_idle(SOLVE_TIMEOUT_S)
+    assert len(scripted.calls) == 1 and node.n_broadcasts == 1  # cam -> bone, solved before
+
+
 def test_sweep_mode_accumulates_slices_until_min_points(
         ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
     node = spin(registration_node(ros_context, mode='sweep',
@@ -875,6 +913,28 @@ def test_a_reset_during_a_solve_voids_its_result_and_its_track(
     assert waiter.wait(SOLVE_TIMEOUT_S) is not None
 
 
+def test_a_reset_between_the_solve_and_its_broadcast_voids_it(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    node = spin(registration_node(ros_context, mode='single'))
+    node.use_registrar(ScriptedRegistrar())
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    solve = node.stream.solve
+
+    def solve_then_reset(*args: Any) -> Any:
+        outcome = solve(*args)
+        node.on_reset(Trigger.Request(), Trigger.Response())  # after the solve's own check
+        return outcome
+    monkeypatch.setattr(node.stream, 'solve', solve_then_reset)
+    node.on_points(cloud(patch_points()))
+    array = diags.wait_for(lambda a: find_status(a, 'registration', level=DiagnosticStatus.WARN)
+                           is not None, SOLVE_TIMEOUT_S)
+    assert array is not None, 'no WARN diagnostic for a result voided before its broadcast'
+    assert 'result discarded, no transform broadcast: a reset arrived' in find_status(
+        array, 'registration').message
+    assert node.wait_idle(SOLVE_TIMEOUT_S) and node.n_broadcasts == 0
+
+
 @pytest.mark.parametrize('worker_ends', ['during the join', 'after the join timed out'])
 def test_destroying_the_node_during_a_solve_is_clean(
         ros_context: Any, monkeypatch: pytest.MonkeyPatch, worker_ends: str) -> None:
@@ -946,6 +1006,15 @@ def test_bad_model_messages_are_reported_and_the_node_keeps_running(
                            is not None, MESSAGE_TIMEOUT_S, start=start)
     assert array is not None and "model's bone_frame" in find_status(array, 'model').message
     assert len(find_status(array, 'model').message) <= MAX_MESSAGE_CHARS
+    for text, needle in (('[' * 5000, 'nested too deep'), (' ' * 70_000, 'characters')):
+        start = diags.count()  # JSON nested past the recursion limit, or far too long
+        model_pub.publish(String(data=text))
+        array = diags.wait_for(lambda a: needle in getattr(
+            find_status(a, 'model', level=DiagnosticStatus.ERROR), 'message', ''),
+            MESSAGE_TIMEOUT_S, start=start)
+        assert array is not None, f'no ERROR diagnostic saying {needle!r}'
+    node.on_points(cloud(patch_points()))  # and the node still takes clouds
+    assert node.stream.wait_for(lambda counts: counts.received >= 1, MESSAGE_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------- preop loader

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import threading
 import time
-from typing import Callable, Iterable, Protocol, runtime_checkable, TYPE_CHECKING
+from typing import Callable, Iterable, Protocol, runtime_checkable, TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # torch is imported only where a registrar is made
 MODES = ('sweep', 'single', 'track')
 #: A clock: seconds from any fixed origin, never going back.
 Clock = Callable[[], float]
+T = TypeVar('T')
 
 
 @runtime_checkable
@@ -127,6 +128,8 @@ class Work:
     """The epoch the job was taken in: a later reset or change voids its track."""
     voids: int = 0
     """How many voiding changes the stream had seen when the job was taken (see solve)."""
+    generation: int = 0
+    """The sweep the slices were taken for: a reset or a new sweep config since drops them."""
 
 
 @dataclass
@@ -156,6 +159,8 @@ class Outcome:
     voided: str = ''
     """What arrived while it was computed and voids the result (a reset, a model, mode or
     registration config change): never broadcast then. '' when it stands."""
+    voids: int = 0
+    """The stream's count of voiding changes the result stands against (see :meth:`commit`)."""
 
 
 class RegistrationStream:
@@ -186,6 +191,7 @@ class RegistrationStream:
         self._track: Track | None = None
         self._epoch = 0
         self._voided = 0  # counts the changes that void a solve in flight
+        self._generation = 0  # counts the sweeps emptied (reset, new sweep config)
         self._void_reason = ''
 
     @staticmethod
@@ -315,6 +321,7 @@ class RegistrationStream:
             if sweep is not None:
                 self._sweep_config, self._sweep = sweep, self._new_buffer(sweep)
                 self._dirty = False
+                self._generation += 1
             self._tracking = tracking or self._tracking
             self._cond.notify_all()
 
@@ -346,6 +353,7 @@ class RegistrationStream:
             self._inbox_points = 0
             self._dirty = self._force = False
             self._pending = self._last = None
+            self._generation += 1  # slices the worker holds now are dropped too
             self._end_track(void='reset')
             self._cond.notify_all()
         return dropped
@@ -387,7 +395,8 @@ class RegistrationStream:
         slices, self._inbox, self._inbox_points = tuple(self._inbox), deque(), 0
         task, self._task = self._task, None
         registration, self._registration = self._registration, None
-        work = Work(slices, task, registration, None, self._epoch, self._voided)
+        work = Work(slices, task, registration, None, self._epoch, self._voided,
+                    self._generation)
         if slices or task or registration:  # those first, the solve on the next turn
             return work, None, False, 0.0
         if self._mode != 'sweep':
@@ -456,16 +465,21 @@ class RegistrationStream:
         with self._cond:
             return self._cond.wait_for(lambda: predicate(self._counters), timeout=timeout_s)
 
-    def add_slices(self, slices: Iterable[Slice]) -> list[str]:
+    def add_slices(self, slices: Iterable[Slice], generation: int | None = None) -> list[str]:
         """Downsample slices already in their parent frame into the sweep buffer.
 
         Return the frames where a slice started a new sweep (frame change, time jump or a gap
-        longer than ``max_age_s``). Downsampling runs outside the lock.
+        longer than ``max_age_s``). Downsampling runs outside the lock. ``generation`` is the
+        taken work's (``Work.generation``): if a reset or a new sweep config came since, the
+        slices belong to the sweep it emptied and are dropped (counted in ``dropped``).
         """
         restarted = []
         for piece in slices:
             points = voxel_downsample(piece.points, self._sweep.voxel_mm)
             with self._cond:
+                if generation is not None and generation != self._generation:
+                    self._counters.dropped += 1
+                    continue
                 if self._sweep.add(points, piece.parent, piece.stamp_ns, presampled=True):
                     restarted.append(piece.parent)
                 due = self._sweep.n_points >= self._sweep_config.min_points
@@ -550,7 +564,7 @@ class RegistrationStream:
                 self._end_track()
                 self._counters.rejected_inputs += 1
                 self._counters.solves += 1
-            return Outcome(job, bone_frame, error=str(exc))
+            return Outcome(job, bone_frame, error=str(exc), voids=voided)
         with self._cond:
             self._counters.solves += 1
             if result.method == 'track':
@@ -558,7 +572,7 @@ class RegistrationStream:
             if self._voided != voided:  # reset or changed while it was computed
                 self._end_track()
                 return Outcome(job, bone_frame, result=result, lost=lost,
-                               voided=self._void_reason)
+                               voided=self._void_reason, voids=voided)
             if not result.accepted:
                 self._end_track()
             elif self._mode == 'track' and self._epoch == epoch:
@@ -567,7 +581,20 @@ class RegistrationStream:
                 self._track = Track(np.asarray(result.transform, dtype=np.float64),
                                     job.frame_id, bone_frame, job.stamp_ns, job.received_s,
                                     anchor)
-        return Outcome(job, bone_frame, result=result, lost=lost)
+        return Outcome(job, bone_frame, result=result, lost=lost, voids=voided)
+
+    def commit(self, outcome: Outcome, send: Callable[[], T]) -> tuple[str, T | None]:
+        """Run ``send`` (the broadcast of ``outcome``) under the stream's lock, if it stands.
+
+        Return ('', what ``send`` returned), or (the reason, None) without calling it when a
+        reset or a model, mode or registration config change came after the solve took its
+        job: a change between :meth:`solve` and the broadcast voids the result too, and one
+        that arrives during ``send`` waits for it.
+        """
+        with self._cond:
+            if outcome.voided or self._voided != outcome.voids:
+                return outcome.voided or self._void_reason, None
+            return '', send()
 
 
 def check_mode(mode: str) -> None:

@@ -27,6 +27,10 @@ class ModelInfo:
     """Version of this JSON layout."""
 
 
+#: A model message longer than this (characters) is refused unread: a ModelInfo is < 1 KiB.
+MAX_MODEL_MESSAGE_CHARS = 65536
+
+
 def encode_model_info(info: ModelInfo) -> str:
     """Return the model info as a JSON string."""
     return json.dumps(asdict(info), sort_keys=True)
@@ -34,10 +38,14 @@ def encode_model_info(info: ModelInfo) -> str:
 
 def decode_model_info(text: str) -> ModelInfo:
     """Parse and check a model JSON string; raise ValueError saying what is wrong."""
+    if len(text) > MAX_MODEL_MESSAGE_CHARS:
+        raise ValueError(f'model message has {len(text)} characters; expected a ModelInfo '
+                         f'JSON object of at most {MAX_MODEL_MESSAGE_CHARS}')
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f'model message is not JSON ({exc}); expected a ModelInfo '
+    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+        reason = exc if isinstance(exc, json.JSONDecodeError) else 'nested too deep'
+        raise ValueError(f'model message is not JSON ({reason}); expected a ModelInfo '
                          'object') from exc
     if not isinstance(data, dict):
         raise ValueError(f'model message holds {type(data).__name__}; expected a JSON object')

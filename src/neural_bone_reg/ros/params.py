@@ -124,17 +124,22 @@ def build_section(node: Node, section: str, changes: Mapping[str, Any] | None = 
 
 
 def build_configs(node: Node, sections: Iterable[str], preset: str = 'default',
-                  changes: Mapping[str, Any] | None = None) -> Configs:
+                  changes: Mapping[str, Any] | None = None,
+                  explicit: Iterable[str] = ()) -> Configs:
     """Build the core configs from the parameters; a bad value raises ValueError naming it.
 
     Registration parameters left at their dataclass default take the preset's value, so a
-    preset such as 'fast' applies unless a parameter overrides it explicitly.
+    preset such as 'fast' applies unless a parameter overrides it. A parameter in ``changes``
+    or named in ``explicit`` (those set at runtime) is an override whatever its value: set
+    to the dataclass default, it is used, not replaced by the preset's.
     """
     values = config_values(node, sections, changes)
     if 'registration' in values:
         defaults = core_config.RegistrationConfig()
+        chosen = set(explicit) | set(changes or {})
         values['registration'] = {k: v for k, v in values['registration'].items()
-                                  if v != getattr(defaults, k)}
+                                  if v != getattr(defaults, k)
+                                  or f'registration.{k}' in chosen}
     return configs_from_dict(values, preset=preset)
 
 

@@ -98,6 +98,8 @@ class RegistrationNode(Node):
         device = checked_choice(self, 'device', DEVICES)
         self._preset = value('preset')
         self._configs = ros_params.build_configs(self, CONFIG_SECTIONS, self._preset)
+        #: registration.* parameters set at runtime: overrides of the preset whatever their value.
+        self._set_at_runtime: set[str] = set()
         sweep, tracking = (ros_params.build_section(self, name) for name in STREAM_SECTIONS)
         check_frames(value('robot_frame'), value('bone_frame'))
         self._max_cloud_points = value('max_cloud_points')
@@ -164,7 +166,8 @@ class RegistrationNode(Node):
         try:
             check_mode(changes.get('mode', MODES[0]))
             check_frames(robot_frame, bone_frame)
-            configs = ros_params.build_configs(self, CONFIG_SECTIONS, self._preset, changes)
+            configs = ros_params.build_configs(self, CONFIG_SECTIONS, self._preset, changes,
+                                               self._set_at_runtime)
             sweep, tracking = (ros_params.build_section(self, name, changes)
                                if any(k.startswith(f'{name}.') for k in changes) else None
                                for name in STREAM_SECTIONS)
@@ -174,6 +177,7 @@ class RegistrationNode(Node):
             self._stream.set_registration(configs.registration)
             self._output.set_gates(loosened_gates(configs.registration))
         self._configs = worker.configs = configs
+        self._set_at_runtime |= {name for name in changes if name.startswith('registration.')}
         self._stream.configure(changes.get('mode'), sweep, tracking)
         self._set_frames(robot_frame, bone_frame, changes.get('tf_timeout_s',
                                                               worker.tf_timeout_s))
@@ -228,9 +232,10 @@ class RegistrationNode(Node):
         try:
             info = decode_model_info(msg.data)
             input_checks.check_frame_id(info.bone_frame, "the model's bone_frame")
-        except ValueError as exc:
-            self._output.diag('model', ERROR, f'ignored model message: {exc}')
-            self.get_logger().error(f'ignored model message: {exc}')
+        except Exception as exc:  # ValueError says what is wrong; anything else must not kill
+            reason = str(exc) if isinstance(exc, ValueError) else f'{type(exc).__name__}: {exc}'
+            self._output.diag('model', ERROR, f'ignored model message: {reason}')
+            self.get_logger().error(f'ignored model message: {reason}')
             return
         self.get_logger().info(f'model announced: {info.checkpoint} (mesh sha256 '
                                f'{info.sha256[:12]}, bone_frame {info.bone_frame!r})')

@@ -11,7 +11,7 @@ result's numbers. Once :meth:`RegistrationOutput.close` returns, nothing more is
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseWithCovarianceStamped
@@ -153,8 +153,14 @@ class RegistrationOutput:
         self._node.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
         self.diag('input', WARN, message, {'clouds_lost': info.total_count})
 
-    def publish(self, outcome: Outcome, now_s: float) -> None:
-        """Publish an outcome; ``now_s`` (the stream's clock) dates its latency."""
+    def publish(self, outcome: Outcome, now_s: float,
+                commit: Callable[[Outcome, Callable[[], str]], tuple[str, str | None]]
+                | None = None) -> None:
+        """Publish an outcome; ``now_s`` (the stream's clock) dates its latency.
+
+        ``commit`` (``RegistrationStream.commit``) runs the broadcast under the stream's lock
+        unless a voiding change came after the solve; without it the broadcast goes out here.
+        """
         logger = self._node.get_logger()
         values = result_values(outcome)
         values['loosened_gates'] = '; '.join(self.loosened_gates) or 'none'
@@ -167,10 +173,7 @@ class RegistrationOutput:
             logger.info(f'tracking lost ({outcome.lost}); registering from scratch',
                         throttle_duration_sec=LOG_THROTTLE_S)
         if outcome.voided:
-            message = (f'result discarded, no transform broadcast: a {outcome.voided} arrived '
-                       'while it was computed')
-            logger.warning(message, throttle_duration_sec=LOG_THROTTLE_S)
-            self.diag('registration', WARN, message, values)
+            self._discarded(outcome.voided, values)
             return
         result = self.last_result = outcome.result
         if not result.accepted:
@@ -185,8 +188,15 @@ class RegistrationOutput:
         with self._lock:
             if self._closed:
                 return
-            values['bone_pose'] = self._send(outcome)
-            self.n_broadcasts += 1
+            if commit is None:
+                voided, values['bone_pose'] = '', self._send(outcome)
+            else:
+                voided, values['bone_pose'] = commit(outcome, lambda: self._send(outcome))
+            if not voided:
+                self.n_broadcasts += 1
+        if voided:
+            self._discarded(voided, values)
+            return
         self.last_latency_s = values['latency_s'] = now_s - outcome.job.received_s
         message = (f'accepted ({result.method}): {outcome.job.frame_id} -> '
                    f'{outcome.bone_frame} broadcast (residual {result.residual_mm:.2f} mm, '
@@ -195,6 +205,13 @@ class RegistrationOutput:
                    f'{values["uniqueness_z"]:.1f})')
         logger.info(message, throttle_duration_sec=LOG_THROTTLE_S)
         self.diag('registration', OK, message, values)
+
+    def _discarded(self, voided: str, values: dict[str, Any]) -> None:
+        """Say that a result was discarded because a ``voided`` change came while it was made."""
+        message = (f'result discarded, no transform broadcast: a {voided} arrived while it was '
+                   'computed')
+        self._node.get_logger().warning(message, throttle_duration_sec=LOG_THROTTLE_S)
+        self.diag('registration', WARN, message, values)
 
     def _send(self, outcome: Outcome) -> str:
         """Send tf, registered_points and bone_pose (the caller holds the lock).

@@ -53,7 +53,8 @@ def declare_node_parameters(node: Node) -> None:
     declare(node, 'device', 'auto', "Torch device: 'auto', 'cpu' or 'cuda'.", read_only=True)
     declare(node, 'preset', 'default',
             'Registration preset (default, paper, fast); registration.* parameters left '
-            'at their defaults take the preset value.', read_only=True)
+            'at their defaults at start take the preset value (one set at runtime is used '
+            'as set, even to the default).', read_only=True)
     declare(node, 'max_cloud_points', 2_000_000,
             'Clouds with more points (width x height) are rejected before conversion.',
             value_range=(1, MAX_CLOUD_POINTS_LIMIT))

@@ -22,6 +22,7 @@ from neural_bone_reg.core.errors import CheckpointError, InputError
 from neural_bone_reg.core.se3 import apply_transform
 from neural_bone_reg.core.stream import Cloud, Registrar, RegistrationStream, Slice
 from neural_bone_reg.ros.diagnostics import ERROR, OK
+from neural_bone_reg.ros.input_checks import tf_frame
 from neural_bone_reg.ros.params import format_configs
 from neural_bone_reg.ros.registration_output import (LOG_THROTTLE_S, RegistrationOutput,
                                                      stamp_text)
@@ -94,10 +95,17 @@ class RegistrationWorker:
         return self.bone_frame_param or self.model_bone_frame or 'bone'
 
     def _run(self) -> None:
-        while (work := self._stream.next_work()) is not None:
+        while True:
+            try:
+                work = self._stream.next_work()
+            except Exception as exc:  # merging a sweep failed: report it, wait for more
+                self._report_error(exc)
+                continue
+            if work is None:
+                return
             try:
                 if work.slices:
-                    self._add_slices(work.slices)
+                    self._add_slices(work.slices, work.generation)
                 if work.task is not None:
                     work.task()
                 if work.registration is not None and self._stream.apply_registration(
@@ -109,10 +117,13 @@ class RegistrationWorker:
             except Cancelled:
                 return
             except Exception as exc:  # keep the worker alive whatever the core raises
-                self._stream.end_track()
-                self._node.get_logger().error(f'worker error: {type(exc).__name__}: {exc}')
-                self._output.diag('registration', ERROR,
-                                  f'internal error: {type(exc).__name__}: {exc}')
+                self._report_error(exc)
+
+    def _report_error(self, exc: Exception) -> None:
+        """End the track and report an unexpected error of the worker's work."""
+        self._stream.end_track()
+        self._node.get_logger().error(f'worker error: {type(exc).__name__}: {exc}')
+        self._output.diag('registration', ERROR, f'internal error: {type(exc).__name__}: {exc}')
 
     def _solve(self, job: Cloud, epoch: int, voids: int) -> None:
         if job.source_frame:  # a cloud in another frame than robot_frame
@@ -122,10 +133,18 @@ class RegistrationWorker:
             except TfLookupError as exc:
                 self._tf_failed(exc, job.source_frame, job.stamp_ns, 'cloud not solved')
                 return
-        outcome = self._stream.solve(job, epoch, self.bone_frame(), voids)
-        self._output.publish(outcome, self._stream.clock())
+        bone_frame = self.bone_frame()
+        if tf_frame(job.frame_id) == tf_frame(bone_frame):
+            message = (f'cloud frame {job.frame_id!r} is the bone frame {bone_frame!r}: a '
+                       'transform from a frame to itself; cloud not solved, no transform '
+                       'broadcast (set robot_frame or bone_frame apart)')
+            self._node.get_logger().error(message, throttle_duration_sec=LOG_THROTTLE_S)
+            self._output.diag('registration', ERROR, message, {'frame_id': job.frame_id})
+            return
+        outcome = self._stream.solve(job, epoch, bone_frame, voids)
+        self._output.publish(outcome, self._stream.clock(), self._stream.commit)
 
-    def _add_slices(self, slices: tuple[Slice, ...]) -> None:
+    def _add_slices(self, slices: tuple[Slice, ...], generation: int) -> None:
         """Transform slices (each at its own stamp) and hand them to the sweep."""
         ready = []
         for piece in slices:
@@ -138,7 +157,7 @@ class RegistrationWorker:
                                     'sweep slice left out of the sweep')
                     continue
             ready.append(piece)
-        for frame in self._stream.add_slices(ready):
+        for frame in self._stream.add_slices(ready, generation):
             self._node.get_logger().info(f'new sweep in frame {frame!r} (frame change, time '
                                          'jump or gap longer than sweep.max_age_s)')
 
