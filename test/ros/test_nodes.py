@@ -935,6 +935,32 @@ def test_a_reset_between_the_solve_and_its_broadcast_voids_it(
     assert node.wait_idle(SOLVE_TIMEOUT_S) and node.n_broadcasts == 0
 
 
+def test_the_worker_survives_an_error_while_taking_work(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    node = spin(registration_node(ros_context, mode='single'))
+    scripted = ScriptedRegistrar()
+    node.use_registrar(scripted)
+    assert node.wait_idle(SOLVE_TIMEOUT_S)
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    merged, failures = node.stream._merged, []
+
+    def merge_fails_once(*args: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise MemoryError('scripted: merging the sweep failed')
+        return merged(*args)
+    monkeypatch.setattr(node.stream, '_merged', merge_fails_once)
+    node.on_points(cloud(patch_points()))
+    array = diags.wait_for(lambda a: 'merging the sweep failed' in getattr(
+        find_status(a, 'registration', level=DiagnosticStatus.ERROR), 'message', ''),
+        SOLVE_TIMEOUT_S)
+    assert array is not None, 'no ERROR diagnostic for the failed take'
+    node.on_points(cloud(patch_points(1), stamp_ns=2_000_000_000))  # the worker goes on
+    assert node.stream.wait_for(lambda counts: counts.solves >= 1, SOLVE_TIMEOUT_S)
+    assert node.wait_idle(SOLVE_TIMEOUT_S) and node.n_broadcasts == 1
+
+
 @pytest.mark.parametrize('worker_ends', ['during the join', 'after the join timed out'])
 def test_destroying_the_node_during_a_solve_is_clean(
         ros_context: Any, monkeypatch: pytest.MonkeyPatch, worker_ends: str) -> None:
