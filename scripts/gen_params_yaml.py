@@ -53,7 +53,7 @@ REGISTRATION_NODE_HEAD = """\
 #   registration_node --ros-args --params-file config/registration_node.yaml -r points:=<topic>
 # Clouds and tf are in metres on the wire (REP 103); the core and every *_mm value here are
 # in mm. registration.* mirrors neural_bone_reg.core.config.RegistrationConfig; udf.* and
-# train.* matter only when this node trains from mesh_path itself.
+# train.* matter only when this node trains from mesh_path itself, at start (read-only).
 /**:
   ros__parameters:
     # 'sweep': accumulate the slices of a probe sweep and register the whole sweep (tracked

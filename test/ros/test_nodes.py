@@ -237,6 +237,10 @@ def test_runtime_parameter_changes_are_validated(ros_context: Any) -> None:
         assert node.get_parameter('registration.fine_top_k').value == 32
         read_only = node.set_parameters([Parameter('device', value='cpu')])[0]
         assert not read_only.successful
+        # udf.* / train.* shape the mesh_path model trained at start: not accepted and ignored.
+        for name, value in (('udf.hidden_dim', 32), ('train.iterations', 10)):
+            refused = node.set_parameters([Parameter(name, value=value)])[0]
+            assert not refused.successful and 'read-only' in refused.reason.lower()
         assert not node.set_parameters([Parameter('mode', value='burst')])[0].successful
         ok = node.set_parameters([Parameter('registration.fine_top_k', value=16),
                                   Parameter('sweep.min_points', value=50)])
@@ -704,6 +708,20 @@ def test_a_cloud_in_another_frame_than_robot_frame_needs_a_tf_lookup(
     assert scripted.calls == [] and node.n_broadcasts == 0 and node.n_tf_failures == 1
 
 
+def test_robot_frame_cannot_become_the_models_bone_frame(ros_context: Any) -> None:
+    node = registration_node(ros_context, mode='single')
+    try:
+        node.use_registrar(ScriptedRegistrar(), bone_frame='femur')
+        assert node.wait_idle(SOLVE_TIMEOUT_S)
+        refused = node.set_parameters([Parameter('robot_frame', value='femur')])[0]
+        assert not refused.successful and "model's bone_frame" in refused.reason
+        # With a bone_frame parameter, that is the child: then 'femur' is a fine parent.
+        assert node.set_parameters([Parameter('bone_frame', value='bone'),
+                                    Parameter('robot_frame', value='femur')])[0].successful
+    finally:
+        node.destroy_node()
+
+
 def test_a_bone_frame_changed_to_a_waiting_clouds_frame_gives_no_self_transform(
         ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
     """robot_frame '': each cloud's frame is the parent; the child must still differ."""
@@ -1039,6 +1057,15 @@ def test_bad_model_messages_are_reported_and_the_node_keeps_running(
             find_status(a, 'model', level=DiagnosticStatus.ERROR), 'message', ''),
             MESSAGE_TIMEOUT_S, start=start)
         assert array is not None, f'no ERROR diagnostic saying {needle!r}'
+    assert node.set_parameters([Parameter('robot_frame', value='world')])[0].successful
+    start = diags.count()  # a model whose bone frame is robot_frame: tf frame -> itself
+    model_pub.publish(String(data=json.dumps({
+        'checkpoint': str(corrupt), 'sha256': 'ab' * 32, 'units': 'mm',
+        'bone_frame': 'world', 'format_version': 1})))
+    array = diags.wait_for(lambda a: 'is robot_frame' in getattr(
+        find_status(a, 'model', level=DiagnosticStatus.ERROR), 'message', ''),
+        MESSAGE_TIMEOUT_S, start=start)
+    assert array is not None, "no ERROR diagnostic for a model's bone_frame = robot_frame"
     node.on_points(cloud(patch_points()))  # and the node still takes clouds
     assert node.stream.wait_for(lambda counts: counts.received >= 1, MESSAGE_TIMEOUT_S)
 
@@ -1065,6 +1092,26 @@ def test_preop_loader_reports_a_missing_mesh_and_stays_up(
     assert str(missing) in find_status(array, 'model').message
     assert not node.ready.is_set()
     assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS  # still alive
+
+
+def test_preop_loader_reports_an_unexpected_error_and_stays_up(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from neural_bone_reg import BoneRegistrar
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError('scripted: no memory for the UDF')
+    monkeypatch.setattr(BoneRegistrar, 'from_mesh', out_of_memory)
+    diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
+    node = spin(PreopLoader(context=ros_context, parameter_overrides=[
+        Parameter('mesh_path', value=str(tmp_path / 'femur.stl')),
+        Parameter('cache_dir', value=str(tmp_path))]))
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    array = diags.wait_for(lambda a: 'MemoryError' in getattr(
+        find_status(a, 'model', level=DiagnosticStatus.ERROR), 'message', ''),
+        MESSAGE_TIMEOUT_S)
+    assert array is not None, "the status stayed at 'preparing'"
+    assert not node.ready.is_set()
 
 
 # ---------------------------------------------------------------------------- real model

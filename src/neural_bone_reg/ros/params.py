@@ -86,8 +86,14 @@ def _ros_default(value: Any) -> Any:
     return value
 
 
-def declare_config_parameters(node: Node, sections: Iterable[str]) -> None:
-    """Declare every field of the given config sections as a dotted, described parameter."""
+def declare_config_parameters(node: Node, sections: Iterable[str],
+                              read_only: Iterable[str] = ()) -> None:
+    """Declare every field of the given config sections as a dotted, described parameter.
+
+    The sections named in ``read_only`` are read only: set at start, refused at runtime
+    (for settings used only at start, so that a change cannot be accepted and ignored).
+    """
+    read_only = set(read_only)
     for section in sections:
         cls = SECTIONS[section]
         docs = field_docs(cls)
@@ -98,8 +104,11 @@ def declare_config_parameters(node: Node, sections: Iterable[str]) -> None:
             description = docs.get(f.name, f'{cls.__name__}.{f.name}')
             if f.metadata.get('unit'):
                 description += f" Unit: {f.metadata['unit']}."
+            if section in read_only:
+                description += ' Read-only: used at start only.'
             declare(node, name, default, description,
-                    value_range=parameter_range(section, f.name, default))
+                    value_range=parameter_range(section, f.name, default),
+                    read_only=section in read_only)
 
 
 def config_values(node: Node, sections: Iterable[str],

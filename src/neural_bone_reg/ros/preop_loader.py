@@ -232,6 +232,10 @@ class PreopLoader(LifecycleNode):
             self._fail(f'cannot prepare the bone model from {mesh_path} ({kind}): {exc}',
                        generation=generation)
             return
+        except Exception as exc:  # never leave the status at 'preparing' (MemoryError, ...)
+            self._fail(f'cannot prepare the bone model from {mesh_path} (internal error): '
+                       f'{type(exc).__name__}: {exc}', generation=generation)
+            return
         info = ModelInfo(checkpoint=str(registrar.checkpoint_path.resolve()),
                          sha256=registrar.geometry_sha256, bone_frame=bone_frame)
         # The surface is static geometry: stamp zero means "valid at any time" to tf users.
