@@ -12,7 +12,6 @@ coverage). Prints a table with ``wrong_accepted`` (target 0) and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 import platform
 import sys
@@ -25,6 +24,7 @@ from neural_bone_reg import BoneRegistrar
 from neural_bone_reg.core import sim
 from neural_bone_reg.core.bench import evaluate_trial, summarise
 from neural_bone_reg.core.config import configs_from_dict
+from neural_bone_reg.core.io import dumps_json
 from neural_bone_reg.core.io import load_mesh
 from neural_bone_reg.core.se3 import apply_transform, invert_transform
 
@@ -101,7 +101,7 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         cuda_device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-        args.json.write_text(json.dumps({
+        args.json.write_text(dumps_json({
             'summary': summaries['overall'], 'per_case': summaries, 'rows': rows,
             'args': {k: str(v) for k, v in vars(args).items()},
             'machine': {'torch': torch.__version__, 'threads': torch.get_num_threads(),

@@ -14,7 +14,6 @@ registration. Prints per-frame time, rate, accuracy and acceptance.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -26,7 +25,7 @@ import torch
 from neural_bone_reg import BoneRegistrar
 from neural_bone_reg.core import metrics
 from neural_bone_reg.core.bench import bench_cases, bench_trial
-from neural_bone_reg.core.io import load_cloud
+from neural_bone_reg.core.io import dumps_json, load_cloud
 from neural_bone_reg.core.se3 import apply_transform, invert_transform, make_transform
 
 
@@ -109,7 +108,7 @@ def main() -> int:
     print(f'all: {_summary(rows)}')
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({'args': {k: str(v) for k, v in vars(args).items()},
+        args.json.write_text(dumps_json({'args': {k: str(v) for k, v in vars(args).items()},
                                          'torch': torch.__version__,
                                          'threads': torch.get_num_threads(),
                                          'device': str(reg.device), 'rows': rows}, indent=2))

@@ -12,7 +12,6 @@ per bone and overall (target 0) and exits 1 if any.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 
@@ -20,6 +19,7 @@ from bench_common import case_registrar, real_cases, real_data_parser
 
 from neural_bone_reg.core.bench import bench_trial
 from neural_bone_reg.core.errors import InputError
+from neural_bone_reg.core.io import dumps_json
 
 
 def main() -> int:
@@ -66,7 +66,7 @@ def main() -> int:
           f"(noise {args.noise_mm} mm, patch {args.patch_mm or 'none'} mm; target 0)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
+        args.json.write_text(dumps_json({
             'wrong_accepted': wrong_accepted, 'per_bone': per_bone, 'rows': rows,
             'protocol': {'seed': args.seed, 'trials': args.trials, 'noise_mm': args.noise_mm,
                          'patch_mm': args.patch_mm}}, indent=2))

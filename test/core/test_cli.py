@@ -1,6 +1,7 @@
 """The neural-bone-reg CLI: register and bench end to end on the phantom, and errors."""
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,13 @@ def small_config_yaml(tmp_path, small_configs):
     return path
 
 
+def strict_json(text: str) -> Any:
+    """Parse JSON as strict parsers do: NaN and Infinity are not JSON."""
+    def refuse(constant: str) -> None:
+        raise AssertionError(f'{constant} in the JSON output: strict parsers reject it')
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_register_prints_and_saves(tmp_path, phantom_path, phantom_mesh, cache_dir,
                                    small_config_yaml, capsys):
     rng = np.random.default_rng(3)
@@ -34,7 +42,7 @@ def test_register_prints_and_saves(tmp_path, phantom_path, phantom_mesh, cache_d
     out = capsys.readouterr().out
     assert code == 0, out
     assert 'accepted: True' in out
-    saved = json.loads((tmp_path / 'cloud.registration.json').read_text())
+    saved = strict_json((tmp_path / 'cloud.registration.json').read_text())
     assert np.asarray(saved['transform']).shape == (4, 4) and saved['accepted'] is True
 
 
@@ -51,7 +59,7 @@ def test_bench_writes_summary_and_plot(tmp_path, phantom_path, phantom_mesh, cac
                  '--config', str(small_config_yaml), '--preset', 'fast', '--device', 'cpu',
                  '--noise-mm', '0.5'])
     assert code == 0
-    record = json.loads(out_json.read_text())
+    record = strict_json(out_json.read_text())
     summary = record['summary']
     assert set(summary) >= {'recall', 'rre_mean_deg', 'rte_mean_mm', 'time_median_s'}
     assert summary['recall'] == 1.0 and len(record['trials']) == 2
@@ -75,7 +83,7 @@ def test_bench_patch_json_has_floors_misses_and_coverage(tmp_path, phantom_path,
     out = capsys.readouterr().out
     assert 'misses' in out and 'phantom floor' in out
     assert 'reachable (own floor correct): ' in out and 'refused, by the tests failed' in out
-    record = json.loads(out_json.read_text())
+    record = strict_json(out_json.read_text())
     assert record['protocol']['patch_mm'] == 50.0 and record['protocol']['noise_mm'] == 0.5
     floor = record['floors']['phantom']
     assert floor['rre_deg'] < 2.0 and floor['rte_mm'] < 2.0

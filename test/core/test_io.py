@@ -77,3 +77,17 @@ def test_mesh_in_metres_is_rejected(tmp_path):
     small.export(path)
     with pytest.raises(InputError, match='millimetres'):
         load_mesh(path)
+
+
+def test_json_output_is_strict_json():
+    import json
+
+    from neural_bone_reg.core.io import dumps_json, json_safe
+
+    value = {'z': float('nan'), 'bound': np.inf, 'n': np.int64(3), 'ok': np.bool_(True),
+             'row': np.array([1.5, -np.inf]), 'nested': [{'m2': np.float32('nan')}], 7: 'x'}
+    assert json_safe(value) == {'z': None, 'bound': None, 'n': 3, 'ok': True,
+                                'row': [1.5, None], 'nested': [{'m2': None}], '7': 'x'}
+    text = dumps_json(value)
+    assert 'NaN' not in text and 'Infinity' not in text
+    assert json.loads(text)['row'] == [1.5, None]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 import sys
 from typing import Any
@@ -130,7 +129,9 @@ def run_register(args: argparse.Namespace) -> int:
     for reason in res.rejection_reasons:
         print(f'  rejected: {reason}')
     out = Path(args.out) if args.out else Path(args.cloud).with_suffix('.registration.json')
-    out.write_text(json.dumps(res.summary(), indent=2))
+    from neural_bone_reg.core.io import dumps_json
+
+    out.write_text(dumps_json(res.summary(), indent=2))
     print(f'saved {out}')
     return 0 if res.accepted else 1
 
@@ -235,7 +236,9 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2, default=str))
+        from neural_bone_reg.core.io import dumps_json
+
+        Path(args.json).write_text(dumps_json(record, indent=2))
         print(f'saved {args.json}')
     if args.plot:
         plot_bench(rows, args.plot, title=f'{data.name}: recall {summary["recall"]:.2f}, '

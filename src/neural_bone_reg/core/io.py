@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import trimesh
@@ -20,6 +22,35 @@ MIN_MESH_EXTENT_MM = 10.0
 MAX_ABS_COORDINATE_MM = 1e6
 #: Units that check_points may phrase its messages in: report unit -> (per mm, unit name).
 REPORT_UNITS = {'mm': (1.0, 'mm'), 'm': (1e-3, 'm')}
+
+
+def json_safe(value: Any) -> Any:
+    """Return ``value`` with every non-finite float as None and numpy values as Python ones.
+
+    Strict JSON has no NaN or Infinity (``json.dumps`` writes them by default, and parsers
+    such as JavaScript's reject them): an unmeasured figure (nan) or an unbounded one (inf)
+    becomes null. Anything else that is not JSON becomes its ``str``.
+    """
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+def dumps_json(value: Any, **kwargs: Any) -> str:
+    """Return ``value`` as strict JSON (see :func:`json_safe`); ``kwargs`` go to json.dumps."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
 
 
 def file_sha256(path: str | Path) -> str:
