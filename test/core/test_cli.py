@@ -105,3 +105,14 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     code = main(['register', '--mesh', str(tmp_path / 'missing.stl'), '--cloud', 'x.xyz'])
     assert code == 2
     assert 'does not exist' in capsys.readouterr().err
+    # The cloud and the output folder are checked before any UDF training (no mesh needed).
+    np.savetxt(tmp_path / 'cloud.xyz', np.random.default_rng(0).normal(size=(100, 3)))
+    for argv, needle in (
+            (['--cloud', str(tmp_path / 'none.xyz')], 'none.xyz'),
+            (['--cloud', str(tmp_path / 'cloud.xyz'), '--out', str(tmp_path / 'no' / 'r.json')],
+             'does not exist')):
+        code = main(['register', '--mesh', str(tmp_path / 'missing.stl'), *argv])
+        assert code == 2 and needle in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(['register', '--mesh', 'm.stl', '--cloud', 'c.xyz', '--device', 'tpu'])
+    assert exit_info.value.code == 2 and 'invalid choice' in capsys.readouterr().err

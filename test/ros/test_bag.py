@@ -575,3 +575,39 @@ def test_cli_play_clock_option():
     assert bag_cmd.DEFAULT_CLOCK_HZ == bag.DEFAULT_CLOCK_HZ
     with pytest.raises(ValueError, match='clock_hz must be non-negative'):
         play_bag('unused', clock_hz=-1.0)
+
+
+@pytest.mark.parametrize('argv', [
+    ['play', 'b', '--delay', 'inf'], ['play', 'b', '--rate', 'nan'],
+    ['play', 'b', '--clock', '1e-300'], ['make-bag', 'out', '--noise-mm', '-1'],
+    ['make-bag', 'out', '--outliers', '1.5'],
+])
+def test_cli_bag_arguments_must_be_finite_and_in_range(argv, capsys):
+    parser = argparse.ArgumentParser(prog='neural-bone-reg')
+    bag_cmd.add_parsers(parser.add_subparsers(dest='command', required=True))
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(argv)
+    assert exit_info.value.code == 2 and 'must be' in capsys.readouterr().err
+
+
+def test_a_broken_bag_is_a_value_error_naming_it(bag_path, tmp_path, make_node):
+    from neural_bone_reg.cli.demo_cmd import read_bag
+
+    player = make_node('broken_bag_player')
+    for storage_file in [*bag_path.glob('*.db3'), *bag_path.glob('*.mcap')]:
+        storage_file.unlink()
+    with pytest.raises(ValueError, match=f'cannot read bag {bag_path}'):
+        play_bag(bag_path, node=player)
+    with pytest.raises(ValueError, match=f'cannot read bag {bag_path}'):
+        read_bag(bag_path, 'bone_truth')
+
+
+def test_foreign_bytes_and_types_are_value_errors():
+    cloud_bytes = serialize_message(PointCloud2(height=1, width=0))
+    assert isinstance(bag.deserialized(cloud_bytes, PointCloud2, '/points'), PointCloud2)
+    with pytest.raises(ValueError, match='a message on /points is not a valid PointCloud2'):
+        bag.deserialized(b'\x00\x01\x00\x00garbage', PointCloud2, '/points')
+    for name in ('sensor_msgs/PointCloud2', 'neural_bone_reg/cli/main', 'a//b'):
+        with pytest.raises(ValueError, match='package/msg/Type'):
+            bag._message_type(name)
+    assert bag._message_type('sensor_msgs/msg/PointCloud2') is PointCloud2

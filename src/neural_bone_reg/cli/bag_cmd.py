@@ -12,6 +12,7 @@ costs nothing; the frame, topic and storage defaults therefore repeat those of
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 #: Sensors ``make-bag`` simulates: a tracked ultrasound probe sweep, or an RGB-D camera.
@@ -46,19 +47,29 @@ DEFAULT_RGBD_TOPIC = '/camera/depth/color/points'
 STORAGES = ('sqlite3', 'mcap')
 #: ``play --clock`` without a value publishes /clock at this rate, as ``ros2 bag play``.
 DEFAULT_CLOCK_HZ = 40.0
+#: The smallest positive rate, delay or clock value taken (a clock at 1e-300 Hz never ticks).
+MIN_POSITIVE = 1e-6
 
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0.0:
-        raise argparse.ArgumentTypeError(f'must be positive, got {text}')
+    if not MIN_POSITIVE <= value < math.inf:
+        raise argparse.ArgumentTypeError(f'must be a finite number of at least {MIN_POSITIVE}, '
+                                         f'got {text}')
     return value
 
 
 def _non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f'must be non-negative, got {text}')
+    if not 0.0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f'must be finite and non-negative, got {text}')
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f'must be in [0, 1), got {text}')
     return value
 
 
@@ -119,9 +130,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     probe = make.add_argument_group('--sensor us')
     probe.add_argument('--points-per-frame', type=_positive_int,
                        help=f'points per cloud (default {DEFAULT_POINTS_PER_FRAME})')
-    probe.add_argument('--noise-mm', type=float,
+    probe.add_argument('--noise-mm', type=_non_negative_float,
                        help=f'gaussian noise sigma (default {DEFAULT_NOISE_MM} mm)')
-    probe.add_argument('--outliers', type=float,
+    probe.add_argument('--outliers', type=_fraction,
                        help=f'outlier fraction per cloud (default {DEFAULT_OUTLIER_FRACTION})')
     camera = make.add_argument_group('--sensor rgbd')
     camera.add_argument('--resolution', type=_resolution,

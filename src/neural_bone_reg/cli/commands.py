@@ -25,7 +25,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                                          'params file of this package)')
     parser.add_argument('--preset', default='default',
                         help='registration preset: default, paper, fast')
-    parser.add_argument('--device', default='auto',
+    parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
                         help="'auto' (CUDA if present), 'cpu' or 'cuda'")
     parser.add_argument('--cache-dir',
                         help='UDF checkpoint cache (default ~/.cache/neural_bone_reg)')
@@ -117,10 +117,15 @@ def run_register(args: argparse.Namespace) -> int:
     """Register one cloud file; exit 0 if accepted, 1 if rejected."""
     import numpy as np
 
-    from neural_bone_reg.core.io import load_cloud
+    from neural_bone_reg.core.io import dumps_json, load_cloud
 
+    # The inputs and the output folder first: a bad one must not cost a UDF training.
+    cloud = load_cloud(args.cloud)
+    out = Path(args.out) if args.out else Path(args.cloud).with_suffix('.registration.json')
+    if not out.parent.is_dir():
+        raise ValueError(f'--out {out}: folder {out.parent} does not exist')
     reg = _registrar(args.mesh, args)
-    res = reg.register(load_cloud(args.cloud))
+    res = reg.register(cloud)
     np.set_printoptions(precision=4, suppress=True)
     print('transform (cloud -> mesh frame, mm):')
     print(res.transform)
@@ -128,9 +133,6 @@ def run_register(args: argparse.Namespace) -> int:
           f'{res.inlier_fraction:.2f}  ambiguity {res.ambiguity:.2f}  time {res.time_s:.2f} s')
     for reason in res.rejection_reasons:
         print(f'  rejected: {reason}')
-    out = Path(args.out) if args.out else Path(args.cloud).with_suffix('.registration.json')
-    from neural_bone_reg.core.io import dumps_json
-
     out.write_text(dumps_json(res.summary(), indent=2))
     print(f'saved {out}')
     return 0 if res.accepted else 1

@@ -190,25 +190,24 @@ def read_bag(path: Path, truth_frame: str) -> dict[str, Any]:
     recorded on /tf_static (a camera mount), or None when the bag has none.
     """
     import numpy as np
-    from rclpy.serialization import deserialize_message
-    from rosbags.rosbag2 import Reader
     from sensor_msgs.msg import PointCloud2
     from tf2_msgs.msg import TFMessage
 
+    from neural_bone_reg.ros.bag import deserialized, open_bag
     from neural_bone_reg.ros.conversions import cloud_to_xyz, transform_stamped_to_matrix
 
     info: dict[str, Any] = {'truth': None, 'robot_frame': '', 'last_stamp_ns': None, 'count': 0,
                             'truth_by_stamp': {}, 'organized': False, 'truth_parent': ''}
     point_sum, point_count = 0.0, 0
     static: dict[tuple[str, str], Any] = {}
-    with Reader(path) as reader:
+    with open_bag(path) as reader:
         clouds = [c for c in reader.connections if c.msgtype == 'sensor_msgs/msg/PointCloud2']
         if len({c.topic for c in clouds}) != 1:
             raise ValueError(f'bag {path} must hold exactly one PointCloud2 topic, has '
                              f'{sorted({c.topic for c in clouds})}')
         info['topic'] = clouds[0].topic
         for _, _, data in reader.messages(connections=clouds):
-            cloud = deserialize_message(bytes(data), PointCloud2)
+            cloud = deserialized(data, PointCloud2, info['topic'])
             header = cloud.header
             points = cloud_to_xyz(cloud)
             point_sum = point_sum + points.astype('float64').sum(axis=0)
@@ -224,7 +223,7 @@ def read_bag(path: Path, truth_frame: str) -> dict[str, Any]:
             if not connections:
                 continue  # (rosbags reads every topic for an empty list)
             for _, _, data in reader.messages(connections=connections):
-                for transform in deserialize_message(bytes(data), TFMessage).transforms:
+                for transform in deserialized(data, TFMessage, topic).transforms:
                     matrix = transform_stamped_to_matrix(transform)
                     parent = transform.header.frame_id
                     if transform.child_frame_id == truth_frame:

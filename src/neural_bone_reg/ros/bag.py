@@ -9,21 +9,22 @@ unchanged, with the recorded timing and QoS, and optionally ``/clock`` as ``ros2
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 import importlib
 from pathlib import Path
 import shutil
 import threading
 import time
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 from rclpy.node import Node
 from rclpy.publisher import Publisher
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from rclpy.serialization import serialize_message
+from rclpy.serialization import deserialize_message, serialize_message
 from rosbags.interfaces import (Qos, QosDurability, QosHistory, QosLiveliness, QosReliability,
                                 QosTime)
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.rosbag2 import Reader, ReaderError, StoragePlugin, Writer
 from rosbags.rosbag2.writer import CompressionFormat, CompressionMode
 from rosbags.typesys import get_typestore, Stores
 from sensor_msgs.msg import CameraInfo
@@ -252,14 +253,45 @@ def _write_rgbd(writer: Writer, frames: Iterable[RgbdFrameData], stamps: list[in
                              'stamp')
 
 
+@contextmanager
+def open_bag(path: str | Path) -> Iterator[Reader]:
+    """Open a rosbag2 folder to read; a missing, corrupt or unreadable bag is a ValueError.
+
+    rosbags' own ``ReaderError`` (also raised while messages are read) names no bag; this
+    one says which, so the CLI reports it as bad input (exit 2), not as a crash.
+    """
+    try:
+        with Reader(Path(path)) as reader:
+            yield reader
+    except ReaderError as exc:
+        raise ValueError(f'cannot read bag {path}: {exc}') from exc
+
+
+def deserialized(data: bytes, cls: type, topic: str) -> Any:
+    """Return ``data`` of ``topic`` as a ``cls`` message; ValueError naming both otherwise."""
+    try:
+        return deserialize_message(bytes(data), cls)
+    except Exception as exc:  # rclpy raises RMWError, or others, for foreign bytes
+        raise ValueError(f'a message on {topic} is not a valid {cls.__name__} '
+                         f'({type(exc).__name__}: {exc})') from exc
+
+
 def _message_type(name: str) -> type:
     """Import a message class from its ROS name, such as ``sensor_msgs/msg/PointCloud2``."""
-    package, kind, message = name.split('/')
+    parts = name.split('/')
+    if len(parts) != 3 or parts[1] != 'msg' or not all(parts):
+        raise ValueError(f'cannot replay type {name!r}: expected a ROS 2 message type '
+                         "'package/msg/Type'")
+    package, kind, message = parts
     try:
-        return getattr(importlib.import_module(f'{package}.{kind}'), message)
+        cls = getattr(importlib.import_module(f'{package}.{kind}'), message)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f'cannot replay {name}: its Python message package is not '
                          f'importable ({exc})') from exc
+    if not hasattr(cls, '_TYPE_SUPPORT'):
+        raise ValueError(f'cannot replay {name}: {package}.{kind}.{message} is not a ROS '
+                         'message class')
+    return cls
 
 
 def replay_qos(topic: str, offered: Sequence[Qos], message_count: int) -> QoSProfile:
@@ -376,7 +408,7 @@ def play_bag(path: str | Path, *, rate: float = 1.0, topics: Optional[Iterable[s
         raise ValueError(f'clock_hz must be non-negative (0 = no /clock), got {clock_hz}')
     stop = stop_event if stop_event is not None else threading.Event()
     own_node = node is None
-    with Reader(Path(path)) as reader:
+    with open_bag(path) as reader:
         connections = reader.connections
         if topics is not None:
             wanted = set(topics)
