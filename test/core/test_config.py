@@ -178,3 +178,39 @@ def test_a_gate_moved_towards_accepting_more_is_named(f):
         if named:
             (line,) = lines
             assert line.startswith(f'registration.{f.name}=') and f'{default:g}' in line
+
+
+@pytest.mark.parametrize('values, needle', [
+    ({'registration': 5}, "section 'registration' must be a mapping"),
+    ({'udf': [1, 2]}, "section 'udf' must be a mapping"),
+    ({'train': {'near_surface_sigma_mm': 5}}, 'train.near_surface_sigma_mm must be a list'),
+    ({'train': {'near_surface_sigma_mm': [float('inf')]}}, 'list of finite numbers'),
+    ({'train': {'near_surface_sigma_mm': [True]}}, 'list of finite numbers'),
+    ({'registration': {'precision_target_mm': ['a', 0, 0]}},
+     'registration.precision_target_mm must be a list'),
+    ({'registration': {'seed': -1}}, r'registration.seed must be in \[0, 4294967295\]'),
+    ({'train': {'seed': 2 ** 70}}, r'train.seed must be in \[0, 4294967295\]'),
+    ({'registration': {'learning_rate': 'fast'}}, 'learning_rate must be a number'),
+])
+def test_bad_shapes_and_values_are_refused_with_the_field_named(values, needle):
+    with pytest.raises(ValueError, match=needle):
+        configs_from_dict(values)
+
+
+def test_a_bool_is_not_a_number_and_1e_3_is_one():
+    with pytest.raises(ValueError, match='num_hypotheses must be a number, got True'):
+        RegistrationConfig(num_hypotheses=True)
+    # PyYAML (YAML 1.1) reads 1e-3 as a string; ROS 2's parser, as a double: so does this.
+    assert configs_from_dict({'registration': {'learning_rate': '1e-3'}}).registration \
+        .learning_rate == 1e-3
+
+
+def test_a_ros_params_file_with_a_list_of_parameters_is_refused(tmp_path):
+    from neural_bone_reg.core.config import load_yaml_configs
+
+    path = tmp_path / 'params.yaml'
+    path.write_text('node:\n  ros__parameters: [1, 2]\n')
+    with pytest.raises(ValueError, match='ros__parameters must be a mapping'):
+        load_yaml_configs(path)
+    path.write_text('node:\n  ros__parameters:\n    registration:\n      learning_rate: 1e-3\n')
+    assert load_yaml_configs(path).registration.learning_rate == 1e-3

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
+import math
 from pathlib import Path
+import re
 from typing import Any, ClassVar, Mapping
 
 import yaml
@@ -78,6 +80,8 @@ def check_ranges(config: Any) -> None:
     for f in fields(config):
         low, high = field_range(f)
         value = getattr(config, f.name)
+        if isinstance(value, bool) and not isinstance(f.default, bool):
+            raise ValueError(f'{config.SECTION}.{f.name} must be a number, got {value!r}')
         if (low is None and high is None) or isinstance(value, bool):
             continue
         ends = f.metadata.get('open', '')
@@ -139,7 +143,7 @@ class TrainConfig:
     num_surface_points: int = spec(
         30_000, low=1000, high=1_000_000,
         doc='Surface points with normals kept in the checkpoint for refinement and display.')
-    seed: int = spec(0, doc='Seed of sampling and initialisation.')
+    seed: int = spec(0, low=0, high=2 ** 32 - 1, doc='Seed of sampling and initialisation.')
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -362,7 +366,8 @@ class RegistrationConfig:
              ' 0.004-0.2, except the fibula (thin and long, 0.0008-0.0011, so about half its '
              'frames fall back to global registration); 25 mm patches of the real femoral shaft '
              "0.0003-0.0008; the phantom's tapered shaft 0.0008."))
-    seed: int = spec(0, doc='Seed of sampling and head initialisation.')
+    seed: int = spec(0, low=0, high=2 ** 32 - 1,
+                     doc='Seed of sampling and head initialisation.')
 
     def __post_init__(self) -> None:
         _check(self.backend in DISTANCE_BACKENDS,
@@ -508,7 +513,23 @@ def section_from_dict(cls: type, values: Mapping[str, Any], section: str | None 
     return _build(cls, values, section or cls.SECTION)
 
 
+#: A float written without a dot, ``1e-3``: a string to PyYAML (YAML 1.1), a double to ROS 2.
+EXPONENT_FLOAT = re.compile(r'^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$')
+
+
+def _number_tuple(value: Any, name: str) -> tuple[float, ...]:
+    """Return a list of finite numbers as a float tuple; ValueError naming ``name`` otherwise."""
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value):
+        raise ValueError(f'{name} must be a list of finite numbers, got {value!r}')
+    return tuple(float(v) for v in value)
+
+
 def _build(cls: type, values: Mapping[str, Any], section: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ValueError(f'config section {section!r} must be a mapping of field: value, got '
+                         f'{type(values).__name__} {values!r:.80}')
     names = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:
@@ -518,7 +539,7 @@ def _build(cls: type, values: Mapping[str, Any], section: str) -> Any:
     for key, value in values.items():
         default = getattr(cls(), key)
         if isinstance(default, tuple):
-            value = tuple(value)
+            value = _number_tuple(value, f'{section}.{key}')
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ValueError(f'{section}.{key} must be true or false, got {value!r}')
@@ -526,6 +547,8 @@ def _build(cls: type, values: Mapping[str, Any], section: str) -> Any:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f'{section}.{key} must be an integer, got {value!r}')
         elif isinstance(default, float):
+            if isinstance(value, str) and EXPONENT_FLOAT.match(value):
+                value = float(value)  # YAML 1.1 reads 1e-3 as a string; ROS 2 as a double
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f'{section}.{key} must be a number, got {value!r}')
             value = float(value)
@@ -552,12 +575,19 @@ def configs_from_dict(values: Mapping[str, Any], preset: str = 'default') -> Con
     unknown = sorted(set(values) - {'udf', 'train', 'registration'})
     if unknown:
         raise ValueError(f'unknown config section(s) {unknown}; expected udf, train, registration')
-    reg = {**PRESETS.get(preset, {}), **dict(values.get('registration') or {})}
+    if not isinstance(values, Mapping):
+        raise ValueError(f'configs must be a mapping of sections, got {type(values).__name__}')
+    sections = {name: values.get(name) or {} for name in ('udf', 'train', 'registration')}
+    for name, section in sections.items():
+        if not isinstance(section, Mapping):
+            raise ValueError(f'config section {name!r} must be a mapping of field: value, got '
+                             f'{type(section).__name__} {section!r:.80}')
     if preset not in PRESETS:
         raise ValueError(f'unknown preset {preset!r}; expected one of {sorted(PRESETS)}')
+    reg = {**PRESETS[preset], **dict(sections['registration'])}
     return Configs(
-        udf=_build(UdfConfig, dict(values.get('udf') or {}), 'udf'),
-        train=_build(TrainConfig, dict(values.get('train') or {}), 'train'),
+        udf=_build(UdfConfig, dict(sections['udf']), 'udf'),
+        train=_build(TrainConfig, dict(sections['train']), 'train'),
         registration=_build(RegistrationConfig, reg, 'registration'),
     )
 
@@ -578,6 +608,9 @@ def load_yaml_configs(path: str | Path, preset: str = 'default') -> Configs:
     for node_values in data.values():
         if isinstance(node_values, dict) and 'ros__parameters' in node_values:
             params = node_values['ros__parameters'] or {}
+            if not isinstance(params, dict):
+                raise ValueError(f'config YAML {path}: ros__parameters must be a mapping, got '
+                                 f'{type(params).__name__}')
             data = {k: v for k, v in params.items() if k in ('udf', 'train', 'registration')}
             break
     return configs_from_dict(data, preset)
