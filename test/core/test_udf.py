@@ -84,6 +84,37 @@ def test_foreign_checkpoints(tmp_path, phantom_registrar):
         udf.load_checkpoint(future)
 
 
+def _edited(payload, edit):
+    payload = dict(payload)
+    edit(payload)
+    return payload
+
+
+@pytest.mark.parametrize('edit, needle', [
+    (lambda p: p.update(grid_voxel_mm=-1.0), 'a voxel size that is not positive'),
+    (lambda p: p.update(grid_voxel_mm=0.0), 'a voxel size that is not positive'),
+    (lambda p: p.update(grid_values=torch.full_like(p['grid_values'], float('nan'))),
+     'non-finite grid distances'),
+    (lambda p: p.update(grid_origin=torch.zeros(2, dtype=torch.float64)), 'grid origin'),
+    (lambda p: p.update(state_dict={**p['state_dict'], 'scale': torch.tensor(0.0)}),
+     'a field scale that is not positive'),
+    (lambda p: p.update(surface_points=p['surface_points'][:0],
+                        surface_normals=p['surface_normals'][:0]), 'no surface samples'),
+    (lambda p: p.update(format_version=True), 'not an integer'),
+    (lambda p: p.update(mesh_sha256=12345), 'not a string'),
+    (lambda p: p.update(accuracy=[1, 2]), 'accuracy record'),
+    (lambda p: p.update(train_config={**p['train_config'], 'iterations': True}),
+     'inconsistent contents'),
+])
+def test_a_checkpoint_with_unusable_contents_is_refused(tmp_path, phantom_registrar, edit,
+                                                        needle):
+    payload = torch.load(phantom_registrar.checkpoint_path, weights_only=True)
+    bad = tmp_path / 'bad.pt'
+    torch.save(_edited(payload, edit), bad)
+    with pytest.raises(CheckpointError, match=needle):
+        udf.load_checkpoint(bad)
+
+
 def test_stale_checkpoint_for_another_mesh(phantom_registrar):
     with pytest.raises(CheckpointError, match='stale or foreign'):
         udf.load_checkpoint(phantom_registrar.checkpoint_path, expected_sha256='0' * 64)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 import trimesh
 
-from neural_bone_reg.core.config import as_dict, TrainConfig, UdfConfig
+from neural_bone_reg.core.config import as_dict, section_from_dict, TrainConfig, UdfConfig
 from neural_bone_reg.core.errors import CheckpointError, InputError
 from neural_bone_reg.core.fields import DistanceGrid, GridField
 
@@ -470,6 +470,9 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Udf
     if missing:
         raise CheckpointError(
             f'checkpoint {path} lacks {missing}; expected a complete UDF checkpoint')
+    if not isinstance(payload['mesh_sha256'], str) or type(payload['format_version']) is not int:
+        raise CheckpointError(f'checkpoint {path} has a mesh_sha256 that is not a string or a '
+                              'format_version that is not an integer; delete it to retrain')
     if payload['format_version'] not in READABLE_FORMAT_VERSIONS:
         raise CheckpointError(f'checkpoint {path} has format version {payload["format_version"]}; '
                               f'this build reads versions {READABLE_FORMAT_VERSIONS}. Retrain it.')
@@ -478,9 +481,9 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Udf
         raise CheckpointError(f'checkpoint {path} was trained on geometry {trained_on}..., '
                               f'not on this mesh ({expected_sha256[:12]}...): stale or foreign')
     try:
-        udf_config = UdfConfig(**payload['udf_config'])
-        train_config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                      for k, v in payload['train_config'].items()})
+        # Type-checked and range-checked as a config file is.
+        udf_config = section_from_dict(UdfConfig, payload['udf_config'])
+        train_config = section_from_dict(TrainConfig, payload['train_config'])
         state = payload['state_dict']
         field = NeuralUDF(udf_config, state['center'], float(state['scale']))
         field.load_state_dict(state)
@@ -492,14 +495,31 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Udf
     except Exception as exc:
         raise CheckpointError(
             f'checkpoint {path} has inconsistent contents ({exc}); delete it to retrain') from exc
-    if (grid.values.ndim != 3 or surface_points.shape != surface_normals.shape
-            or surface_points.shape[-1:] != (3,)):
-        raise CheckpointError(f'checkpoint {path} has malformed grid or surface arrays')
+    scale = float(state['scale'])
+    problems = [what for what, bad in (
+        ('a grid that is not 3-D', grid.values.ndim != 3),
+        ('non-finite grid distances', not np.isfinite(grid.values).all()),
+        ('a grid origin that is not 3 finite mm', grid.origin.shape != (3,)
+         or not np.isfinite(grid.origin).all()),
+        ('a voxel size that is not positive', not 0.0 < grid.voxel_mm < np.inf),
+        ('a field scale that is not positive', not 0.0 < scale < np.inf),
+        ('no surface samples', len(surface_points) == 0),
+        ('surface samples and normals that do not match', surface_points.shape
+         != surface_normals.shape or surface_points.shape[-1:] != (3,)),
+        ('non-finite surface samples', not np.isfinite(surface_points).all()
+         or not np.isfinite(surface_normals).all()),
+    ) if bad]
+    if problems:
+        raise CheckpointError(f'checkpoint {path} has {", ".join(problems)}; delete it to '
+                              'retrain')
+    accuracy = payload.get('accuracy') or {}
+    if not isinstance(accuracy, dict):
+        raise CheckpointError(f'checkpoint {path} has an accuracy record that is not a mapping')
     field.eval()
     return UdfModel(field=field, grid=grid, surface_points=surface_points,
                     surface_normals=surface_normals, geometry_sha256=payload['mesh_sha256'],
                     udf_config=udf_config, train_config=train_config,
-                    accuracy=dict(payload.get('accuracy') or {}),
+                    accuracy=dict(accuracy),
                     train_time_s=float(payload.get('train_time_s', 0.0)), checkpoint_path=path)
 
 
