@@ -766,6 +766,36 @@ def test_sweep_mode_accumulates_slices_until_min_points(
     assert (transform.header.stamp.sec, transform.header.stamp.nanosec) == (10, 300_000_000)
 
 
+def test_services_answer_while_a_cloud_is_being_converted(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clouds have a callback group of their own: a long conversion holds nothing else."""
+    node = spin(registration_node(ros_context, mode='single'))
+    node.use_registrar(ScriptedRegistrar())
+    converting, release = threading.Event(), threading.Event()
+    read_cloud = registration_node_module.read_cloud
+
+    def slow_read_cloud(*args: Any, **kwargs: Any) -> Any:
+        converting.set()
+        release.wait(SOLVE_TIMEOUT_S)  # a huge cloud being converted
+        return read_cloud(*args, **kwargs)
+    monkeypatch.setattr(registration_node_module, 'read_cloud', slow_read_cloud)
+    reset = probe.create_client(Trigger, '/registration_node/reset')
+    assert reset.wait_for_service(MESSAGE_TIMEOUT_S)
+    pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
+    pub.publish(cloud(patch_points()))
+    try:
+        assert converting.wait(MESSAGE_TIMEOUT_S), 'the cloud never reached on_points'
+        future = reset.call_async(Trigger.Request())
+        done = threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        assert done.wait(MESSAGE_TIMEOUT_S), 'the reset service waited for the conversion'
+        assert future.result().success
+    finally:
+        release.set()
+    assert node.stream.wait_for(lambda counts: counts.received >= 1, MESSAGE_TIMEOUT_S)
+
+
 def test_register_now_and_reset_services(ros_context: Any, spin: Callable[[Any], Any],
                                          probe: Any, ros_executor: Any) -> None:
     node = spin(registration_node(ros_context, mode='sweep', **{'sweep.min_points': 5000}))

@@ -6,15 +6,18 @@ from typing import Callable
 
 import rclpy
 from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import (ExternalShutdownException, MultiThreadedExecutor,
+                             SingleThreadedExecutor)
 from rclpy.node import Node
 
 
 def run_node(factory: Callable[[], Node], name: str, args: list[str] | None = None,
-             on_start: Callable[[Node], None] | None = None) -> int:
+             on_start: Callable[[Node], None] | None = None, threads: int = 1) -> int:
     """Spin the node that ``factory`` builds until shutdown; return 2 for invalid parameters.
 
-    Uses try/finally rather than ``with rclpy.init()`` so it also runs on Humble and Jazzy.
+    ``threads`` > 1 spins a MultiThreadedExecutor of that many threads (callbacks of one
+    mutually exclusive group still run one at a time). Uses try/finally rather than
+    ``with rclpy.init()`` so it also runs on Humble and Jazzy.
     """
     rclpy.init(args=args)
     node = None
@@ -26,7 +29,13 @@ def run_node(factory: Callable[[], Node], name: str, args: list[str] | None = No
             return 2
         if on_start is not None:
             on_start(node)
-        rclpy.spin(node)
+        executor = (MultiThreadedExecutor(num_threads=threads) if threads > 1
+                    else SingleThreadedExecutor())
+        executor.add_node(node)
+        try:
+            executor.spin()
+        finally:
+            executor.shutdown()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

@@ -36,6 +36,7 @@ import threading
 from typing import Any
 
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import PointCloud2
@@ -74,6 +75,8 @@ CONFIG_SECTIONS = ('udf', 'train', 'registration')
 STREAM_SECTIONS = ('sweep', 'track')
 #: Period of the /diagnostics heartbeat that repeats the model status for late joiners, s.
 DIAGNOSTICS_PERIOD_S = 1.0
+#: Executor threads of the node's process: clouds in one, everything else beside them.
+EXECUTOR_THREADS = 2
 
 
 class RegistrationNode(Node):
@@ -122,8 +125,12 @@ class RegistrationNode(Node):
         if SubscriptionEventCallbacks is not None:  # unsupported events are skipped by rclpy
             events['event_callbacks'] = SubscriptionEventCallbacks(
                 incompatible_qos=self.on_incompatible_qos, message_lost=self.on_message_lost)
-        self._points_sub = self.create_subscription(PointCloud2, 'points', self.on_points,
-                                                    self._cloud_qos, **events)
+        # Clouds in a callback group of their own: converting a large one (up to
+        # max_cloud_points) never holds the services, parameters, model or heartbeat, which
+        # run beside it under a multi-threaded executor (``main``); clouds stay in order.
+        self._points_sub = self.create_subscription(
+            PointCloud2, 'points', self.on_points, self._cloud_qos,
+            callback_group=MutuallyExclusiveCallbackGroup(), **events)
         self._model_sub = self.create_subscription(String, 'model', self.on_model, LATCHED_QOS)
         self._output.model_status = (
             WARN, f'waiting for a model on {self.resolve_topic_name("model")}', {})
@@ -307,7 +314,7 @@ def main(args: list[str] | None = None) -> int:
     interpreter normally would then abort (std::terminate on torch's joinable threads, exit
     -6), so the process ends at once with its code instead: the solve's result is unwanted.
     """
-    code = run_node(RegistrationNode, NODE_NAME, args)
+    code = run_node(RegistrationNode, NODE_NAME, args, threads=EXECUTOR_THREADS)
     if any(t.name == registration_worker.WORKER_THREAD_NAME and t.is_alive()
            for t in threading.enumerate()):
         sys.stdout.flush()
