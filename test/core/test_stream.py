@@ -376,6 +376,16 @@ def test_the_track_ends_on_reset_register_now_and_mode_model_config_changes() ->
     assert stream.track is None and stream.counts().tf_failures == 1
 
 
+#: The changes that void a solve in flight, and the reason each gives.
+VOIDING_CHANGES = [
+    (lambda stream, registrar: stream.reset(), 'reset'),
+    (lambda stream, registrar: stream.configure(mode='single'), 'mode change'),
+    (lambda stream, registrar: stream.set_registration(RegistrationConfig(
+        gate_min_uniqueness_z=8.0)), 'registration config change'),
+    (lambda stream, registrar: stream.use_registrar(registrar), 'model change'),
+]
+
+
 def test_a_reset_during_a_solve_voids_its_track() -> None:
     stream, registrar = make('track')
     stream.add_cloud(points(), 'robot', _NS)
@@ -385,13 +395,7 @@ def test_a_reset_during_a_solve_voids_its_track() -> None:
     assert outcome.result.accepted and stream.track is None
 
 
-@pytest.mark.parametrize('change, reason', [
-    (lambda stream, registrar: stream.reset(), 'reset'),
-    (lambda stream, registrar: stream.configure(mode='single'), 'mode change'),
-    (lambda stream, registrar: stream.set_registration(RegistrationConfig(
-        gate_min_uniqueness_z=8.0)), 'registration config change'),
-    (lambda stream, registrar: stream.use_registrar(registrar), 'model change'),
-])
+@pytest.mark.parametrize('change, reason', VOIDING_CHANGES)
 def test_a_reset_or_change_after_the_job_was_taken_voids_its_result(change, reason) -> None:
     stream, registrar = make('track')
     stream.add_cloud(points(), 'robot', _NS)
@@ -412,13 +416,7 @@ def test_a_reset_or_change_after_the_job_was_taken_voids_its_result(change, reas
     assert outcome.voided == '' and outcome.result.accepted
 
 
-@pytest.mark.parametrize('change, reason', [
-    (lambda stream, registrar: stream.reset(), 'reset'),
-    (lambda stream, registrar: stream.configure(mode='single'), 'mode change'),
-    (lambda stream, registrar: stream.set_registration(RegistrationConfig(
-        gate_min_uniqueness_z=8.0)), 'registration config change'),
-    (lambda stream, registrar: stream.use_registrar(registrar), 'model change'),
-])
+@pytest.mark.parametrize('change, reason', VOIDING_CHANGES)
 def test_a_change_between_the_solve_and_the_broadcast_voids_it(change, reason) -> None:
     stream, registrar = make('track')
     stream.add_cloud(points(), 'robot', _NS)

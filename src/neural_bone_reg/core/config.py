@@ -526,10 +526,18 @@ def _number_tuple(value: Any, name: str) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
-def _build(cls: type, values: Mapping[str, Any], section: str) -> Any:
+def _section(values: Any, section: str) -> Mapping[str, Any]:
+    """Return ``values`` if it is a mapping (None or empty: {}); ValueError naming ``section``."""
+    if not values:
+        return {}
     if not isinstance(values, Mapping):
         raise ValueError(f'config section {section!r} must be a mapping of field: value, got '
                          f'{type(values).__name__} {values!r:.80}')
+    return values
+
+
+def _build(cls: type, values: Mapping[str, Any], section: str) -> Any:
+    values = _section(values, section)
     names = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:
@@ -572,22 +580,17 @@ def configs_from_dict(values: Mapping[str, Any], preset: str = 'default') -> Con
 
     Registration values are applied on top of ``preset``. Unknown sections or keys raise.
     """
+    if not isinstance(values, Mapping):
+        raise ValueError(f'configs must be a mapping of sections, got {type(values).__name__}')
     unknown = sorted(set(values) - {'udf', 'train', 'registration'})
     if unknown:
         raise ValueError(f'unknown config section(s) {unknown}; expected udf, train, registration')
-    if not isinstance(values, Mapping):
-        raise ValueError(f'configs must be a mapping of sections, got {type(values).__name__}')
-    sections = {name: values.get(name) or {} for name in ('udf', 'train', 'registration')}
-    for name, section in sections.items():
-        if not isinstance(section, Mapping):
-            raise ValueError(f'config section {name!r} must be a mapping of field: value, got '
-                             f'{type(section).__name__} {section!r:.80}')
     if preset not in PRESETS:
         raise ValueError(f'unknown preset {preset!r}; expected one of {sorted(PRESETS)}')
-    reg = {**PRESETS[preset], **dict(sections['registration'])}
+    reg = {**PRESETS[preset], **_section(values.get('registration'), 'registration')}
     return Configs(
-        udf=_build(UdfConfig, dict(sections['udf']), 'udf'),
-        train=_build(TrainConfig, dict(sections['train']), 'train'),
+        udf=_build(UdfConfig, values.get('udf'), 'udf'),
+        train=_build(TrainConfig, values.get('train'), 'train'),
         registration=_build(RegistrationConfig, reg, 'registration'),
     )
 

@@ -517,20 +517,15 @@ class BoneRegistrar:
         """
         if len(points) <= len(icp_pts):
             return icp_pts, 0.0
-        noise_var = self._noise_to_debias(linearise(
-            self.surface, icp_pts @ rotation.T + translation, self.config.robust_scale_mm))
+        lin = linearise(self.surface, icp_pts @ rotation.T + translation,
+                        self.config.robust_scale_mm)
+        noise_var = 0.0 if lin is None else _noise_to_debias(self._cluster_noise(lin)[2])
         return (points, noise_var) if noise_var > 0.0 else (icp_pts, 0.0)
 
-    def _noise_to_debias(self, lin: Linearisation | None) -> float:
-        """Return the noise variance (mm^2) to de-bias a fit for: sigma^2 of a noisy cloud.
-
-        0 unless the point noise measured on ``lin`` exceeds ``NOISY_CLOUD_MM``.
-        """
-        if lin is None:
-            return 0.0
+    def _cluster_noise(self, lin: Linearisation) -> tuple[np.ndarray, int, float]:
+        """Return the clusters of ``lin``'s surface points (labels, count) and their noise (mm)."""
         labels, n_clusters = cluster_labels(lin.surface_points, self.config.cluster_mm)
-        noise = noise_level(lin.residual, labels, n_clusters)
-        return noise ** 2 if noise > NOISY_CLOUD_MM else 0.0
+        return labels, n_clusters, noise_level(lin.residual, labels, n_clusters)
 
     @property
     def _refining(self) -> bool:
@@ -610,14 +605,17 @@ class BoneRegistrar:
             bound_deg=bound_deg, uniqueness_z=float(z_score), uniqueness_margin_mm=margin,
             noise_mm=noise, guidance=guidance)
 
-    def _covariance(self, lin: Linearisation | None,
-                    target: np.ndarray) -> tuple[np.ndarray, Precision | None, float]:
-        """Return a fit's pose covariance, its bounds at ``target`` and the point noise (mm)."""
+    def _covariance(self, lin: Linearisation | None, target: np.ndarray,
+                    clusters: tuple[np.ndarray, int, float] | None = None
+                    ) -> tuple[np.ndarray, Precision | None, float]:
+        """Return a fit's pose covariance, its bounds at ``target`` and the point noise (mm).
+
+        ``clusters``: :meth:`_cluster_noise` of ``lin`` where the caller has it already.
+        """
         cfg = self.config
         if lin is None:
             return np.full((6, 6), np.inf), None, float('nan')
-        labels, n_clusters = cluster_labels(lin.surface_points, cfg.cluster_mm)
-        noise = noise_level(lin.residual, labels, n_clusters)
+        labels, n_clusters, noise = clusters or self._cluster_noise(lin)
         systematic = float(np.hypot(cfg.systematic_error_mm,
                                     cfg.systematic_noise_gain * noise ** 2))
         covariance = pose_covariance(lin.points, lin.normals, lin.residual, lin.weight,
@@ -704,13 +702,15 @@ class BoneRegistrar:
         # no second query), the constraint and the covariance.
         moved = icp_pts @ rot.T + tr
         lin = linearise(self.surface, moved, cfg.robust_scale_mm)
-        noise_var = self._noise_to_debias(lin)
+        clusters = None if lin is None else self._cluster_noise(lin)
+        noise_var = 0.0 if clusters is None else _noise_to_debias(clusters[2])
         if noise_var > 0.0:  # a noisy cloud: de-bias the fit as ``register`` does
             icp = refine_icp(self.surface, icp_pts, rot, tr, cfg.robust_scale_mm,
                              TRACK_ICP_ITERATIONS, TRACK_ICP_TOLERANCE_MM, noise_var)
             rot, tr = icp.rotation, icp.translation
             moved = icp_pts @ rot.T + tr
             lin = linearise(self.surface, moved, cfg.robust_scale_mm, noise_var)
+            clusters = None  # of the refitted linearisation: measured again
         centroid = pts.mean(axis=0)
         step_deg = float(geodesic_deg(rot, rot0))
         step_mm = float(np.linalg.norm((rot - rot0) @ centroid + tr - tr0))
@@ -721,7 +721,7 @@ class BoneRegistrar:
         residual, inlier_fraction = self._fit_quality(
             lin.distances(self.surface) if reuse else self.surface.distances(moved))
         constraint = constraint_from_linearisation(lin)
-        covariance, precision, noise = self._covariance(lin, centroid @ rot.T + tr)
+        covariance, precision, noise = self._covariance(lin, centroid @ rot.T + tr, clusters)
         reasons = self._fit_reasons(residual, inlier_fraction, noise)
         reasons += self._precision_reasons(precision)
         if not icp.last_step_mm <= TRACK_MAX_LAST_STEP_MM:  # inf: ICP lost the surface
@@ -1041,6 +1041,14 @@ def _pose_gap(a: _Candidate, b: _Candidate, centroid: np.ndarray) -> str:
     """Describe how far apart two candidate poses are (rotation, and at the centroid)."""
     angle, shift = _pose_distance(a.rotation, a.translation, b.rotation, b.translation, centroid)
     return f'{angle:.0f} deg / {shift:.0f} mm away'
+
+
+def _noise_to_debias(noise_mm: float) -> float:
+    """Return the noise variance (mm^2) to de-bias a fit for: sigma^2 of a noisy cloud.
+
+    0 unless the measured point noise exceeds ``NOISY_CLOUD_MM`` (nan: 0).
+    """
+    return noise_mm ** 2 if noise_mm > NOISY_CLOUD_MM else 0.0
 
 
 def _check_prior(prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

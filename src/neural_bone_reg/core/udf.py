@@ -485,7 +485,8 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Udf
         udf_config = section_from_dict(UdfConfig, payload['udf_config'])
         train_config = section_from_dict(TrainConfig, payload['train_config'])
         state = payload['state_dict']
-        field = NeuralUDF(udf_config, state['center'], float(state['scale']))
+        scale = float(state['scale'])
+        field = NeuralUDF(udf_config, state['center'], scale)
         field.load_state_dict(state)
         grid = DistanceGrid(origin=payload['grid_origin'].numpy().astype(np.float64),
                             voxel_mm=float(payload['grid_voxel_mm']),
@@ -495,7 +496,6 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Udf
     except Exception as exc:
         raise CheckpointError(
             f'checkpoint {path} has inconsistent contents ({exc}); delete it to retrain') from exc
-    scale = float(state['scale'])
     problems = [what for what, bad in (
         ('a grid that is not 3-D', grid.values.ndim != 3),
         ('non-finite grid distances', not np.isfinite(grid.values).all()),

@@ -174,13 +174,7 @@ class RegistrationNode(Node):
         bone_frame = changes.get('bone_frame', worker.bone_frame_param)
         try:
             check_mode(changes.get('mode', MODES[0]))
-            check_frames(robot_frame, bone_frame)
-            model_frame = '' if bone_frame else worker.model_bone_frame  # then the child
-            if robot_frame and model_frame and (input_checks.tf_frame(robot_frame)
-                                                == input_checks.tf_frame(model_frame)):
-                raise ValueError(f"parameter robot_frame {robot_frame!r} is the model's "
-                                 'bone_frame; expected another frame (a frame cannot be '
-                                 'registered to itself)')
+            check_frames(robot_frame, bone_frame, worker.model_bone_frame)
             configs = ros_params.build_configs(self, CONFIG_SECTIONS, self._preset, changes,
                                                self._set_at_runtime)
             sweep, tracking = (ros_params.build_section(self, name, changes)
@@ -247,12 +241,8 @@ class RegistrationNode(Node):
         try:
             info = decode_model_info(msg.data)
             input_checks.check_frame_id(info.bone_frame, "the model's bone_frame")
-            robot_frame = self._worker.robot_frame
-            if (not self._worker.bone_frame_param and robot_frame
-                    and input_checks.tf_frame(info.bone_frame)
-                    == input_checks.tf_frame(robot_frame)):
-                raise ValueError(f"the model's bone_frame {info.bone_frame!r} is robot_frame; "
-                                 'expected another frame (set the bone_frame parameter)')
+            check_frames(self._worker.robot_frame, self._worker.bone_frame_param,
+                         info.bone_frame)
         except Exception as exc:  # ValueError says what is wrong; anything else must not kill
             reason = str(exc) if isinstance(exc, ValueError) else f'{type(exc).__name__}: {exc}'
             self._output.diag('model', ERROR, f'ignored model message: {reason}')

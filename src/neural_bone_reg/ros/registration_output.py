@@ -154,12 +154,11 @@ class RegistrationOutput:
         self.diag('input', WARN, message, {'clouds_lost': info.total_count})
 
     def publish(self, outcome: Outcome, now_s: float,
-                commit: Callable[[Outcome, Callable[[], str]], tuple[str, str | None]]
-                | None = None) -> None:
+                commit: Callable[[Outcome, Callable[[], str]], tuple[str, str | None]]) -> None:
         """Publish an outcome; ``now_s`` (the stream's clock) dates its latency.
 
         ``commit`` (``RegistrationStream.commit``) runs the broadcast under the stream's lock
-        unless a voiding change came after the solve; without it the broadcast goes out here.
+        unless a voiding change came after the solve.
         """
         logger = self._node.get_logger()
         values = result_values(outcome)
@@ -188,10 +187,7 @@ class RegistrationOutput:
         with self._lock:
             if self._closed:
                 return
-            if commit is None:
-                voided, values['bone_pose'] = '', self._send(outcome)
-            else:
-                voided, values['bone_pose'] = commit(outcome, lambda: self._send(outcome))
+            voided, values['bone_pose'] = commit(outcome, lambda: self._send(outcome))
             if not voided:
                 self.n_broadcasts += 1
         if voided:

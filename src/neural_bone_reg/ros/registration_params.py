@@ -78,13 +78,22 @@ def declare_node_parameters(node: Node) -> None:
             'Read-only.', value_range=(0, MAX_THREADS), read_only=True)
 
 
-def check_frames(robot_frame: str, bone_frame: str) -> None:
-    """Raise ValueError for frame parameters tf cannot take, or a bone frame = robot frame."""
+def check_frames(robot_frame: str, bone_frame: str, model_bone_frame: str = '') -> None:
+    """Raise ValueError for frame parameters tf cannot take, or a bone frame = robot frame.
+
+    The bone frame in effect is the ``bone_frame`` parameter, else ``model_bone_frame`` (the
+    model's): neither may be ``robot_frame``.
+    """
     input_checks.check_frame_id(robot_frame, 'parameter robot_frame')
     input_checks.check_frame_id(bone_frame, 'parameter bone_frame')
     if bone_frame and input_checks.tf_frame(robot_frame) == input_checks.tf_frame(bone_frame):
         raise ValueError(f'parameters robot_frame and bone_frame are both {robot_frame!r}; '
                          'expected different frames (a frame cannot be registered to itself)')
+    if (not bone_frame and robot_frame and model_bone_frame
+            and input_checks.tf_frame(robot_frame) == input_checks.tf_frame(model_bone_frame)):
+        raise ValueError(f"the model's bone_frame {model_bone_frame!r} is robot_frame; expected "
+                         'another frame (set the bone_frame parameter: a frame cannot be '
+                         'registered to itself)')
 
 
 def checked_choice(node: Node, name: str, choices: tuple[str, ...]) -> str:
