@@ -468,8 +468,9 @@ def test_slices_taken_before_a_reset_or_new_sweep_do_not_enter_the_next(change) 
     stream, registrar = make('sweep', sweep=SweepConfig(min_points=100))
     stream.add_cloud(points(500), 'robot', _NS)
     work = stream.take_work()
-    assert len(work.slices) == 1
+    assert len(work.slices) == 1 and stream.takes_slices_of(work.generation)
     change(stream)  # while the worker looks the slices' frames up
+    assert not stream.takes_slices_of(work.generation)
     assert stream.add_slices(work.slices, work.generation) == []
     stream.finish()
     assert stream.sweep_points == 0 and stream.counts().dropped == 1

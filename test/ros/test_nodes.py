@@ -13,6 +13,7 @@ import importlib.util
 import json
 from pathlib import Path
 import threading
+import time
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -467,6 +468,55 @@ def test_an_accepted_result_without_a_covariance_goes_on_tf_but_not_on_bone_pose
     values = status_values(find_status(array, ': registration', level=DiagnosticStatus.OK))
     assert 'covariance not measured' in values['bone_pose']
     assert node.output.n_poses == 0 and node.n_broadcasts == 1
+
+
+def _subscribers_matched(publisher: Any, count: int) -> bool:
+    """Wait until ``publisher`` is matched by at least ``count`` subscriptions."""
+    deadline = time.monotonic() + MESSAGE_TIMEOUT_S
+    while publisher.get_subscription_count() < count:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+#: Stamps of the results before and after the change (no other test uses them: a node of an
+#: earlier test may linger in discovery for a moment).
+STALE_NS, FRESH_NS = 771_000_000_123, 772_000_000_456
+
+
+def _stamp_ns(msg: Any) -> int:
+    return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+
+
+@pytest.mark.parametrize('change', ['reset', 'model'])
+def test_a_reset_or_new_model_withdraws_the_latched_pose(
+        change: str, ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
+    """Latched for late subscribers while it stands; a late subscriber after the change gets
+    no stale pose, and the next accepted result reaches every subscriber."""
+    node = spin(registration_node(ros_context, mode='single'))
+    node.use_registrar(ScriptedRegistrar(uncertainty=KNOWN_UNCERTAINTY))
+    pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
+    pub.publish(cloud(patch_points(2), stamp_ns=STALE_NS))
+    assert node.stream.wait_for(lambda counts: counts.solves >= 1, SOLVE_TIMEOUT_S)
+    assert node.wait_idle(SOLVE_TIMEOUT_S) and node.output.n_poses == 1
+    early = Collector(probe, PoseWithCovarianceStamped, '/bone_pose', LATCHED_QOS)
+    assert early.wait_for(lambda m: True, MESSAGE_TIMEOUT_S) is not None, 'not latched'
+    if change == 'reset':
+        node.on_reset(Trigger.Request(), Trigger.Response())
+    else:
+        node.use_registrar(ScriptedRegistrar(uncertainty=KNOWN_UNCERTAINTY))
+        assert node.wait_idle(SOLVE_TIMEOUT_S)
+    late = Collector(probe, PoseWithCovarianceStamped, '/bone_pose', LATCHED_QOS)
+    late_points = Collector(probe, PointCloud2, '/registered_points', LATCHED_QOS)
+    assert _subscribers_matched(node.output._pose_pub, 2)  # early and late
+    assert _subscribers_matched(node.output._registered_pub, 1)
+    time.sleep(0.5)  # a latched sample reaches a matched late subscriber within ms
+    stale = [m for m in late.messages + late_points.messages if _stamp_ns(m) == STALE_NS]
+    assert not stale, f'a stale pose after the {change}'
+    pub.publish(cloud(patch_points(3), stamp_ns=FRESH_NS))
+    for collector in (late, early, late_points):
+        assert collector.wait_for(lambda m: _stamp_ns(m) == FRESH_NS, SOLVE_TIMEOUT_S)
 
 
 def test_a_refused_result_publishes_no_bone_pose_and_says_where_data_would_help(

@@ -8,6 +8,7 @@ The real Buffer is exercised where tf2_ros is installed.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -17,6 +18,7 @@ from rclpy.duration import Duration
 from rclpy.time import Time
 from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import PointCloud2
+from std_srvs.srv import Trigger
 from test_nodes import cloud, FAKE_T, patch_points, registration_node, ScriptedRegistrar
 from tf2_msgs.msg import TFMessage
 
@@ -263,3 +265,40 @@ def test_a_sweep_slice_whose_lookup_fails_is_left_out_and_explained(
     assert 'ExtrapolationException' in status.message and 'slice' in status.message
     assert len(scripted.calls) == 1 and len(scripted.calls[0]) == 600
     assert node.n_tf_failures == 1
+
+
+class HeldBuffer(StandInBuffer):
+    """A StandInBuffer whose every lookup waits until the test lets it go (a slow tf)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Semaphore(0)
+        self.go = threading.Semaphore(0)
+
+    def lookup_transform(self, target: str, source: str, time: Time,
+                         timeout: Duration = Duration()) -> Any:
+        self.entered.release()
+        assert self.go.acquire(timeout=SOLVE_TIMEOUT_S), 'the test never let the lookup go'
+        return super().lookup_transform(target, source, time, timeout)
+
+
+def test_a_reset_stops_the_lookups_of_the_slices_the_worker_holds(
+        ros_context: Any, spin: Callable[[Any], Any], probe: Any) -> None:
+    """Each held slice's lookup may wait tf_timeout_s: after a reset, none more is made."""
+    buffer = HeldBuffer()
+    buffer.transforms[('robot', 'probe')] = lambda ns: MOUNT
+    node = _tf_node(ros_context, spin, buffer, mode='sweep',
+                    **{'sweep.min_points': 10_000, 'sweep.voxel_mm': 0.0})
+    node.use_registrar(ScriptedRegistrar())
+    slices = [patch_points(seed) for seed in range(5)]
+    node.on_points(cloud(slices[0], frame='probe', stamp_ns=100 * _NS))
+    assert buffer.entered.acquire(timeout=SOLVE_TIMEOUT_S)  # the worker holds slice 0 ...
+    for i in range(1, 5):  # ... while four more wait, to be taken together next
+        node.on_points(cloud(slices[i], frame='probe', stamp_ns=(100 + i) * _NS))
+    buffer.go.release()
+    assert buffer.entered.acquire(timeout=SOLVE_TIMEOUT_S)  # slice 1 of the four is looked up
+    node.on_reset(Trigger.Request(), Trigger.Response())
+    buffer.go.release()
+    assert node.wait_idle(SOLVE_TIMEOUT_S)
+    assert [call[2] // _NS for call in buffer.calls] == [100, 101], 'slices 2-4 looked up'
+    assert node._worker.counters()['sweep_points'] == 0 and node.n_dropped == 4

@@ -488,6 +488,15 @@ class RegistrationStream:
                 self._dirty = due or self._force
         return restarted
 
+    def takes_slices_of(self, generation: int) -> bool:
+        """Return whether slices taken in ``generation`` (``Work.generation``) still count.
+
+        False once a reset or a new sweep config emptied that sweep, or the stream closed: the
+        worker then stops looking up the rest of them (each lookup may wait ``tf_timeout_s``).
+        """
+        with self._cond:
+            return not self._closed and generation == self._generation
+
     def lookup_failed(self) -> int:
         """Count a cloud or slice whose frame lookup failed (the track ends); return the count."""
         with self._cond:

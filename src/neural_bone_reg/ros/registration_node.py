@@ -270,8 +270,8 @@ class RegistrationNode(Node):
     def on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         """Drop the accumulated sweep and any queued cloud."""
         response.success = True
-        response.message = (f'cleared the sweep and queue ({self._stream.reset()} '
-                            'points/clouds)')
+        dropped = self._output.withdraw(self._stream.reset, 'reset')
+        response.message = f'cleared the sweep and queue ({dropped} points/clouds)'
         self.get_logger().info(response.message)
         return response
 

@@ -6,12 +6,17 @@ cloud in the bone frame on ``registered_points`` and, when the result measured i
 covariance, ``bone_pose``; for every outcome, a /diagnostics status with the reason and the
 result's numbers. Once :meth:`RegistrationOutput.close` returns, nothing more is published
 (a solve that ends while the node is destroyed is dropped, not published on a dead handle).
+
+``bone_pose`` and ``registered_points`` are latched (transient local), so that a planner that
+subscribes late still gets the current result. A reset or a new model makes it stale: it is
+withdrawn then (:meth:`RegistrationOutput.withdraw`), and a late subscriber gets nothing until
+the next accepted result.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseWithCovarianceStamped
@@ -33,6 +38,8 @@ from neural_bone_reg.ros.tf_compat import make_tf_broadcaster, send_transforms
 LOG_THROTTLE_S = 2.0
 #: Uncertainty fields of a result reported on /diagnostics (core.registrar.RegistrationResult).
 UNCERTAINTY_KEYS = ('bound_mm', 'bound_deg', 'uniqueness_z', 'uniqueness_margin_mm', 'noise_mm')
+
+T = TypeVar('T')
 
 
 def stamp_text(stamp_ns: int) -> str:
@@ -74,11 +81,8 @@ class RegistrationOutput:
         self._lock = threading.Lock()
         self._closed = False
         self._tf_broadcaster = make_tf_broadcaster(node)
-        self._registered_pub = node.create_publisher(PointCloud2, 'registered_points',
-                                                     LATCHED_QOS)
-        # A result read once (a planner may subscribe after it): reliable, transient local.
-        self._pose_pub = node.create_publisher(PoseWithCovarianceStamped, 'bone_pose',
-                                               LATCHED_QOS)
+        self._registered_pub, self._pose_pub = self._latched_publishers()
+        self._latched = False  # whether they hold an accepted result (see withdraw)
         self._diag_pub = node.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC,
                                                DIAGNOSTICS_QOS)
         self.model_status: tuple[bytes, str, dict[str, Any]] = (WARN, 'no model yet', {})
@@ -87,6 +91,32 @@ class RegistrationOutput:
         self.n_poses = 0  # bone_pose messages published
         self.last_result: Any = None
         self.last_latency_s = float('nan')
+
+    def _latched_publishers(self) -> tuple[Any, Any]:
+        """Create the publishers of registered_points and bone_pose."""
+        # A result read once (a planner may subscribe after it): reliable, transient local.
+        return (self._node.create_publisher(PointCloud2, 'registered_points', LATCHED_QOS),
+                self._node.create_publisher(PoseWithCovarianceStamped, 'bone_pose',
+                                            LATCHED_QOS))
+
+    def withdraw(self, change: Callable[[], T], why: str) -> T:
+        """Run ``change`` (a reset, a new model) and withdraw the latched result it makes stale.
+
+        A transient-local publisher hands its last message to every late subscriber, and ROS
+        has no way to unpublish it: the two latched publishers are replaced, and their history
+        goes with the old ones (subscribers match the new ones). ``change`` runs under the
+        publish lock, so no broadcast falls between it and the withdrawal.
+        """
+        with self._lock:
+            out = change()
+            if self._latched and not self._closed:
+                for publisher in (self._registered_pub, self._pose_pub):
+                    self._node.destroy_publisher(publisher)
+                self._registered_pub, self._pose_pub = self._latched_publishers()
+                self._latched = False
+                self._node.get_logger().info(f'{why}: the latched bone_pose and '
+                                             'registered_points were withdrawn')
+        return out
 
     def close(self) -> None:
         """Publish nothing from now on (waits for a publish in progress)."""
@@ -222,6 +252,7 @@ class RegistrationOutput:
             t_cloud_bone, job.frame_id, bone_frame, stamp)])
         self._registered_pub.publish(xyz_to_cloud(
             apply_transform(result.transform, job.points), bone_frame, stamp))
+        self._latched = True
         covariance = np.asarray(result.covariance)
         if covariance.shape != (6, 6) or not np.isfinite(covariance).all():
             return 'not published: covariance not measured'

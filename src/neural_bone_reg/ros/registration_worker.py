@@ -145,9 +145,16 @@ class RegistrationWorker:
         self._output.publish(outcome, self._stream.clock(), self._stream.commit)
 
     def _add_slices(self, slices: tuple[Slice, ...], generation: int) -> None:
-        """Transform slices (each at its own stamp) and hand them to the sweep."""
+        """Transform slices (each at its own stamp) and hand them to the sweep.
+
+        A reset or a new sweep config while they are looked up drops them: the remaining ones
+        are not looked up (a lookup may wait ``tf_timeout_s`` each), and none enters the sweep.
+        """
         ready = []
-        for piece in slices:
+        for index, piece in enumerate(slices):
+            if not self._stream.takes_slices_of(generation):
+                ready.extend(slices[index:])  # add_slices drops (and counts) them all
+                break
             if piece.source_frame != piece.parent:
                 try:
                     piece = replace(piece, source_frame=piece.parent, points=self._to_parent(
@@ -223,7 +230,7 @@ class RegistrationWorker:
         self.max_extent_mm = (MAX_CLOUD_TO_BONE_EXTENT * float(np.linalg.norm(np.ptp(
             surface, axis=0))) if len(surface) else float('inf'))
         self.model_bone_frame, self.model_source = job.bone_frame, job.source
-        self._stream.use_registrar(registrar)
+        self._output.withdraw(lambda: self._stream.use_registrar(registrar), 'new model')
         message = f'model loaded from {job.source} in {time.monotonic() - started:.2f} s'
         logger.info(message)
         self._output.diag('model', OK, message,
