@@ -42,6 +42,7 @@ from neural_bone_reg.core.confidence import (CHI2_95_6DOF, cluster_labels, covar
                                              noise_level, precision_bounds, rigid_error_covariance)
 from neural_bone_reg.core.config import RegistrationConfig
 from neural_bone_reg.core.errors import InputError
+from neural_bone_reg.core.io import dumps_json
 from neural_bone_reg.core.refine import linearise
 from neural_bone_reg.core.registrar import FIXED_GATE_REASONS, noise_scaled_limit
 from neural_bone_reg.core.se3 import apply_transform
@@ -102,7 +103,7 @@ def collect(args) -> list[dict]:
                     else:
                         row.update(correct=False, floor_correct=False)
                     rows.append(row)
-                    print(json.dumps({k: row.get(k) for k in (
+                    print(dumps_json({k: row.get(k) for k in (
                         'bone', 'cloud', 'protocol', 'trial', 'correct', 'uniqueness_z',
                         'bound_mm', 'bound_deg', 'residual_mm', 'noise_level_mm')}), flush=True)
     return rows
@@ -317,6 +318,45 @@ def _span(values: list[float]) -> str:
             else '- (n 0)')
 
 
+#: How the cache file spells the floats strict JSON has no number for (read back exactly).
+NON_FINITE = {'nan': float('nan'), 'inf': float('inf'), '-inf': float('-inf')}
+
+
+def write_rows(path: Path, rows: list[dict], **meta: int) -> None:
+    """Write ``rows`` (with ``meta``) as strict JSON, nan and +-inf as the strings 'nan', 'inf'.
+
+    Not null, as the package's reports write them: this file is read back, and an infinite
+    uniqueness z (no alternative) must not come back as a nan one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_spelled({**meta, 'rows': rows}), indent=1, allow_nan=False))
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Return the rows :func:`write_rows` wrote, with their nan and inf floats."""
+    return _unspelled(json.loads(path.read_text()))['rows']
+
+
+def _spelled(value):
+    if isinstance(value, float) and not np.isfinite(value):
+        return 'nan' if np.isnan(value) else ('inf' if value > 0 else '-inf')
+    if isinstance(value, (list, tuple)):
+        return [_spelled(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _spelled(item) for key, item in value.items()}
+    return value
+
+
+def _unspelled(value):
+    if isinstance(value, str):
+        return NON_FINITE.get(value, value)
+    if isinstance(value, list):
+        return [_unspelled(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _unspelled(item) for key, item in value.items()}
+    return value
+
+
 def main() -> int:
     """Collect (``--json``) or analyse (``--analyse FILE``)."""
     parser = real_data_parser(__doc__, trials=3)
@@ -324,13 +364,11 @@ def main() -> int:
     parser.set_defaults(seed=1)
     args = parser.parse_args()
     if args.analyse:
-        analyse(json.loads(args.analyse.read_text())['rows'])
+        analyse(read_rows(args.analyse))
         return 0
     rows = collect(args)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({'seed': args.seed, 'trials': args.trials,
-                                         'rows': rows}, indent=1))
+        write_rows(args.json, rows, seed=args.seed, trials=args.trials)
     analyse(rows)
     return 0
 

@@ -124,3 +124,21 @@ def test_the_replayed_covariance_carries_the_registrar_s_rigid_error(calibrate):
     expected = rigid_error_covariance(np.asarray(row['centre']), 0.3, 0.1)
     np.testing.assert_allclose(rigid.covariance(row) - plain.covariance(row), expected,
                                atol=1e-12)
+
+
+def test_the_cache_file_is_strict_json_and_reads_back_nan_and_inf_exactly(calibrate, tmp_path):
+    import json
+
+    row = _row(calibrate, 'patch25', z=float('inf'))
+    row.update(noise_level_mm=float('nan'), mahalanobis2_case_floor=None,
+               reasons=['no alternative: every candidate converged to one pose'])
+    row['sandwich'][0][0] = float('-inf')
+    path = tmp_path / 'calibration.json'
+    calibrate.write_rows(path, [row], seed=1, trials=3)
+    text = path.read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f'{name} in strict JSON'))
+    (back,) = calibrate.read_rows(path)
+    assert back['uniqueness_z'] == float('inf') and np.isnan(back['noise_level_mm'])
+    assert back['sandwich'][0][0] == float('-inf') and back['mahalanobis2_case_floor'] is None
+    assert back['reasons'] == row['reasons'] and back['protocol'] == 'patch25'
+    assert back['sandwich'][1:] == row['sandwich'][1:]
