@@ -5,6 +5,10 @@ be imported (the PyPI-wheel venv of `make setup`); test_integration.py runs the 
 there by starting the installed executables with the same params files. On a ROS 2 install
 (colcon build, source install/setup.bash) it launches the package's launch file with small
 params files, publishes a simulated sweep and waits for the bone pose on tf.
+
+launch_pytest 3.7 (Kilted) fails to collect any test under pytest 8.4 or later
+(``'FixtureFunctionDefinition' object has no attribute '_pytestfixturefunction'``,
+ros2/launch#947): run it with the distro's pytest.
 """
 
 from __future__ import annotations
