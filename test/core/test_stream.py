@@ -383,6 +383,7 @@ VOIDING_CHANGES = [
     (lambda stream, registrar: stream.set_registration(RegistrationConfig(
         gate_min_uniqueness_z=8.0)), 'registration config change'),
     (lambda stream, registrar: stream.use_registrar(registrar), 'model change'),
+    (lambda stream, registrar: stream.change_frames(), 'frame change'),
 ]
 
 

@@ -358,6 +358,15 @@ class RegistrationStream:
             self._cond.notify_all()
         return dropped
 
+    def change_frames(self) -> None:
+        """Say that robot_frame or bone_frame changed: the track ends, a solve in flight is void.
+
+        Its result would go out as the old parent -> old child, beside the new frames' poses.
+        """
+        with self._cond:
+            self._end_track(void='frame change')
+            self._cond.notify_all()
+
     def end_track(self) -> None:
         """Forget the track and void any solve in flight."""
         with self._cond:

@@ -188,6 +188,8 @@ class RegistrationNode(Node):
         self._configs = worker.configs = configs
         self._set_at_runtime |= {name for name in changes if name.startswith('registration.')}
         self._stream.configure(changes.get('mode'), sweep, tracking)
+        if (robot_frame, bone_frame) != (worker.robot_frame, worker.bone_frame_param):
+            self._stream.change_frames()
         self._set_frames(robot_frame, bone_frame, changes.get('tf_timeout_s',
                                                               worker.tf_timeout_s))
         self._max_cloud_points = changes.get('max_cloud_points', self._max_cloud_points)
