@@ -219,6 +219,13 @@ def test_full_resolution_frame_is_fast():
 def test_bad_configuration_is_explained():
     with pytest.raises(ValueError, match='focal lengths must be positive'):
         cam.PinholeCamera(fx=0.0)
+    with pytest.raises(ValueError, match='focal lengths must be positive, finite'):
+        cam.PinholeCamera(fy=float('inf'))  # every ray would be x = 0
+    for name in ('baseline_mm', 'depth_fx', 'lateral_px'):
+        with pytest.raises(ValueError, match=f'{name} must be finite'):
+            cam.DepthNoise(**{name: float('inf')})  # baseline inf: a noiseless depth
+    with pytest.raises(ValueError, match='max_range_mm .* finite'):
+        cam.DepthNoise(max_range_mm=float('inf'))
     with pytest.raises(ValueError, match='at least 1 x 1'):
         cam.PinholeCamera(width=0)
     with pytest.raises(ValueError, match='max_range_mm'):

@@ -543,6 +543,15 @@ def test_posted_tasks_replace_each_other_and_run_first() -> None:
     assert ran == ['new model'] and not stream.has_model()
 
 
+@pytest.mark.parametrize('bounds', [(float('nan'), 1.0, 10), (1.0, float('nan'), 10),
+                                    (float('inf'), 1.0, 10), (0.0, 1.0, 10), (1.0, -1.0, 10),
+                                    (1.0, 1.0, 0)])
+def test_sweep_buffer_refuses_bounds_that_are_not_finite_and_in_range(bounds) -> None:
+    # voxel_mm nan would collapse every slice into one point; max_age_s nan crash add().
+    with pytest.raises(ValueError, match='must be finite'):
+        SweepBuffer(*bounds)
+
+
 def test_sweep_buffer_bounds_age_and_size() -> None:
     buffer = SweepBuffer(max_age_s=1.0, voxel_mm=0.0, max_points=1000)
     pts = np.random.default_rng(0).uniform(0, 100, (400, 3)).astype(np.float32)

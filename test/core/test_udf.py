@@ -84,6 +84,14 @@ def test_foreign_checkpoints(tmp_path, phantom_registrar):
         udf.load_checkpoint(future)
 
 
+def _one_weight_nan(state):
+    state = dict(state)
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 2)
+    state[name] = state[name].clone()
+    state[name].view(-1)[7] = float('nan')
+    return state
+
+
 def _edited(payload, edit):
     payload = dict(payload)
     edit(payload)
@@ -105,6 +113,8 @@ def _edited(payload, edit):
     (lambda p: p.update(accuracy=[1, 2]), 'accuracy record'),
     (lambda p: p.update(train_config={**p['train_config'], 'iterations': True}),
      'inconsistent contents'),
+    (lambda p: p.update(state_dict=_one_weight_nan(p['state_dict'])), 'non-finite field weights'),
+    (lambda p: p.update(train_time_s='n/a'), 'inconsistent contents'),
 ])
 def test_a_checkpoint_with_unusable_contents_is_refused(tmp_path, phantom_registrar, edit,
                                                         needle):
@@ -123,6 +133,18 @@ def test_stale_checkpoint_for_another_mesh(phantom_registrar):
 def test_missing_mesh(tmp_path):
     with pytest.raises(InputError, match='does not exist'):
         udf.train_or_load(tmp_path / 'missing.stl', tmp_path)
+
+
+def test_a_mesh_in_micrometres_is_refused_before_any_training(phantom_mesh, monkeypatch):
+    """Its grid would need hundreds of GiB, found only after the fit (or an OOM kill)."""
+    mesh = phantom_mesh.copy()
+    mesh.apply_scale(1000.0)
+    fitted = []
+    monkeypatch.setattr(udf, '_fit', lambda *args: fitted.append(args))
+    with pytest.raises(InputError, match=r'spans 99000 x .* mm: .* Is the mesh in another unit'):
+        udf.train_udf(mesh, sha256='0' * 64)
+    assert fitted == []
+    udf.check_grid_size(np.zeros(3), np.array([340.0, 230.0, 290.0]), 1.5, 40.0)  # a pelvis box
 
 
 def test_fields_module_does_not_import_udf():

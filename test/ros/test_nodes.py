@@ -1186,6 +1186,16 @@ def test_preop_loader_requires_a_mesh_path(ros_context: Any, spin: Callable[[Any
     assert 'mesh_path' in node.failure
 
 
+@pytest.mark.parametrize('frame', ['bone frame', 'bone\t', '/'])
+def test_preop_loader_refuses_a_bone_frame_the_registration_node_would(
+        frame: str, ros_context: Any, spin: Callable[[Any], Any]) -> None:
+    """Refused at configure, not after minutes of training and an announced model."""
+    node = spin(PreopLoader(context=ros_context, parameter_overrides=[
+        Parameter('mesh_path', value='phantom'), Parameter('bone_frame', value=frame)]))
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert 'bone_frame' in node.failure and 'not a tf frame name' in node.failure
+
+
 def test_preop_loader_reports_a_missing_mesh_and_stays_up(
         ros_context: Any, spin: Callable[[Any], Any], probe: Any, tmp_path: Path) -> None:
     diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)

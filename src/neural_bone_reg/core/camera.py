@@ -83,8 +83,8 @@ class PinholeCamera:
         if self.width < 1 or self.height < 1:
             raise ValueError(f'camera size must be at least 1 x 1 pixels, got {self.width} x '
                              f'{self.height}')
-        if not (self.fx > 0.0 and self.fy > 0.0):
-            raise ValueError(f'focal lengths must be positive pixels, got fx={self.fx}, '
+        if not (0.0 < self.fx < np.inf and 0.0 < self.fy < np.inf):
+            raise ValueError(f'focal lengths must be positive, finite pixels, got fx={self.fx}, '
                              f'fy={self.fy}')
         if not (np.isfinite(self.cx) and np.isfinite(self.cy)):
             raise ValueError(f'principal point must be finite, got ({self.cx}, {self.cy})')
@@ -144,14 +144,15 @@ class DepthNoise:
 
     def __post_init__(self) -> None:
         for name in ('subpixel', 'lateral_px', 'depth_unit_mm', 'min_range_mm'):
-            if not getattr(self, name) >= 0.0:
-                raise ValueError(f'{name} must be non-negative, got {getattr(self, name)}')
+            if not 0.0 <= getattr(self, name) < np.inf:
+                raise ValueError(f'{name} must be finite and non-negative, got '
+                                 f'{getattr(self, name)}')
         for name in ('baseline_mm', 'depth_fx'):
-            if not getattr(self, name) > 0.0:
-                raise ValueError(f'{name} must be positive, got {getattr(self, name)}')
-        if not self.max_range_mm > self.min_range_mm:
-            raise ValueError(f'max_range_mm ({self.max_range_mm}) must exceed min_range_mm '
-                             f'({self.min_range_mm})')
+            if not 0.0 < getattr(self, name) < np.inf:
+                raise ValueError(f'{name} must be finite and positive, got {getattr(self, name)}')
+        if not self.min_range_mm < self.max_range_mm < np.inf:
+            raise ValueError(f'max_range_mm ({self.max_range_mm}) must be finite and exceed '
+                             f'min_range_mm ({self.min_range_mm})')
         if not 0.0 < self.max_incidence_deg <= 90.0:
             raise ValueError(f'max_incidence_deg must be in (0, 90], got '
                              f'{self.max_incidence_deg}')

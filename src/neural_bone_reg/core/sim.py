@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+import uuid
 
 import numpy as np
 import trimesh
@@ -55,10 +56,13 @@ def phantom_mesh_path(cache_dir: str | Path | None = None) -> Path:
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / PHANTOM_FILENAME
-    if not path.is_file():
-        tmp = path.with_suffix(f'.tmp{os.getpid()}.stl')
-        make_phantom_mesh().export(tmp)
-        os.replace(tmp, path)
+    if not path.is_file():  # written whole under a name of its own, then renamed: atomic
+        tmp = folder / f'.{path.stem}.{uuid.uuid4().hex}.stl'
+        try:
+            make_phantom_mesh().export(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -89,6 +93,13 @@ def _visible_patch(mesh: trimesh.Trimesh, rng: np.random.Generator, coverage: fl
     return points[keep], view
 
 
+def _check_view(coverage: float, outlier_fraction: float) -> None:
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f'coverage must be in (0, 1], got {coverage}')
+    if not 0.0 <= outlier_fraction < 1.0:
+        raise ValueError(f'outlier_fraction must be in [0, 1), got {outlier_fraction}')
+
+
 def simulate_partial_cloud(mesh: trimesh.Trimesh, rng: np.random.Generator, coverage: float = 0.3,
                            noise_mm: float = 1.0, outlier_fraction: float = 0.05,
                            n_points: int = 2000, outlier_range_mm: float = 20.0) -> np.ndarray:
@@ -97,10 +108,7 @@ def simulate_partial_cloud(mesh: trimesh.Trimesh, rng: np.random.Generator, cove
     ``coverage`` of the surface on one side is sampled, gaussian noise of ``noise_mm`` is added,
     and ``outlier_fraction`` of the points are pushed up to ``outlier_range_mm`` off the surface.
     """
-    if not 0.0 < coverage <= 1.0:
-        raise ValueError(f'coverage must be in (0, 1], got {coverage}')
-    if not 0.0 <= outlier_fraction < 1.0:
-        raise ValueError(f'outlier_fraction must be in [0, 1), got {outlier_fraction}')
+    _check_view(coverage, outlier_fraction)
     patch, _ = _visible_patch(mesh, rng, coverage, n_dense=max(4 * n_points, 20_000))
     choice = rng.choice(len(patch), size=n_points, replace=len(patch) < n_points)
     cloud = patch[choice]
@@ -127,6 +135,7 @@ def simulate_sweep(mesh: trimesh.Trimesh, rng: np.random.Generator, n_frames: in
     if n_frames < 1 or points_per_frame < 1:
         raise ValueError('need n_frames >= 1 and points_per_frame >= 1, '
                          f'got {n_frames}, {points_per_frame}')
+    _check_view(coverage, outlier_fraction)
     n_dense = max(4 * n_frames * points_per_frame, 20_000)
     patch, _ = _visible_patch(mesh, rng, coverage, n_dense=n_dense)
     centred = patch - patch.mean(axis=0)

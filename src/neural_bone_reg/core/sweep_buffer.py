@@ -64,8 +64,10 @@ class SweepBuffer:
 
     def __init__(self, max_age_s: float, voxel_mm: float, max_points: int) -> None:
         """Create an empty buffer; see the module docstring for the three bounds."""
-        if max_age_s <= 0.0 or voxel_mm < 0.0 or max_points < 1:
-            raise ValueError('max_age_s must be > 0, voxel_mm >= 0 and max_points >= 1')
+        if not (0.0 < max_age_s < float('inf') and 0.0 <= voxel_mm < float('inf')
+                and max_points >= 1):  # written so that nan fails too
+            raise ValueError('max_age_s must be finite and > 0, voxel_mm finite and >= 0 and '
+                             f'max_points >= 1, got {max_age_s}, {voxel_mm}, {max_points}')
         self.max_age_s = max_age_s
         self.voxel_mm = voxel_mm
         self.max_points = max_points

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 import time
 from typing import Callable
+import uuid
 
 import numpy as np
 import torch
@@ -51,6 +52,9 @@ EXACT_BAND_MM = ACCURACY_BAND_MM
 GRID_SURFACE_SAMPLES_PER_VOXEL_AREA = 4.0
 #: Voxels per chunk when filling the grid's far field (bounds the temporary memory).
 GRID_CHUNK = 1 << 20
+#: Most voxels a distance grid may have: 7 times a pelvis box at 1.5 mm (6.8 million). Far
+#: more is a mesh in another unit than mm, or a stray part far from the bone.
+MAX_GRID_VOXELS = 50_000_000
 #: Without a progress callback or bar, training logs every this many percent.
 LOG_EVERY_PERCENT = 10
 #: The learning rate rises linearly to its peak over this share of the steps ...
@@ -277,6 +281,23 @@ def _fit(field: NeuralUDF, queries: np.ndarray, targets: np.ndarray, config: Tra
         bar.close()
 
 
+def check_grid_size(lo: np.ndarray, hi: np.ndarray, voxel_mm: float, margin_mm: float) -> None:
+    """Raise InputError when the distance grid over ``[lo, hi]`` would exceed MAX_GRID_VOXELS.
+
+    Checked before any training: such a grid would otherwise fail (or be killed for its
+    memory) only after the fit, with a message that says nothing about the cause.
+    """
+    counts = np.ceil((np.asarray(hi) - np.asarray(lo)) / voxel_mm) + 1
+    voxels = float(np.prod(counts))
+    if not voxels <= MAX_GRID_VOXELS:
+        extent = ' x '.join(f'{v:.0f}' for v in np.asarray(hi) - np.asarray(lo) - 2 * margin_mm)
+        raise InputError(
+            f'the bone geometry spans {extent} mm: its {voxel_mm:g} mm distance grid would have '
+            f'{voxels:.3g} voxels, more than {MAX_GRID_VOXELS:.3g}; expected one bone in mm '
+            '(a whole femur is about 450 mm long). Is the mesh in another unit, or does it '
+            'hold a stray part far from the bone?')
+
+
 def train_udf(mesh: trimesh.Trimesh | None = None, cloud: np.ndarray | None = None, *,
               sha256: str, udf_config: UdfConfig | None = None,
               train_config: TrainConfig | None = None, device: torch.device | str = 'cpu',
@@ -298,6 +319,7 @@ def train_udf(mesh: trimesh.Trimesh | None = None, cloud: np.ndarray | None = No
     geometry = np.asarray(mesh.vertices if mesh is not None else cloud, dtype=np.float64)
     lo = geometry.min(axis=0) - train_config.margin_mm
     hi = geometry.max(axis=0) + train_config.margin_mm
+    check_grid_size(lo, hi, train_config.grid_voxel_mm, train_config.margin_mm)
     dense, _ = _surface_samples(mesh, cloud, max(train_config.num_samples // 2, 10_000), rng)
     surface_points, surface_normals = _surface_samples(
         mesh, cloud, train_config.num_surface_points, rng)
@@ -432,9 +454,13 @@ def save_checkpoint(model: UdfModel, path: str | Path) -> Path:
         'accuracy': model.accuracy,
         'train_time_s': model.train_time_s,
     }
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    # Written whole under a name of its own (two savers may race), then renamed: atomic.
+    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp')
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     path.with_suffix('.yaml').write_text(yaml.safe_dump(
         {'udf': payload['udf_config'], 'train': payload['train_config'],
          'mesh_sha256': model.geometry_sha256, 'accuracy': model.accuracy}, sort_keys=False))
@@ -493,6 +519,9 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Udf
                             values=payload['grid_values'].numpy().astype(np.float32))
         surface_points = payload['surface_points'].numpy().astype(np.float32)
         surface_normals = payload['surface_normals'].numpy().astype(np.float32)
+        train_time_s = float(payload.get('train_time_s', 0.0))
+        weights_finite = all(bool(torch.isfinite(value).all()) for value in state.values()
+                             if torch.is_tensor(value) and value.is_floating_point())
     except Exception as exc:
         raise CheckpointError(
             f'checkpoint {path} has inconsistent contents ({exc}); delete it to retrain') from exc
@@ -503,6 +532,7 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Udf
          or not np.isfinite(grid.origin).all()),
         ('a voxel size that is not positive', not 0.0 < grid.voxel_mm < np.inf),
         ('a field scale that is not positive', not 0.0 < scale < np.inf),
+        ('non-finite field weights', not weights_finite),
         ('no surface samples', len(surface_points) == 0),
         ('surface samples and normals that do not match', surface_points.shape
          != surface_normals.shape or surface_points.shape[-1:] != (3,)),
@@ -520,7 +550,7 @@ def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> Udf
                     surface_normals=surface_normals, geometry_sha256=payload['mesh_sha256'],
                     udf_config=udf_config, train_config=train_config,
                     accuracy=dict(accuracy),
-                    train_time_s=float(payload.get('train_time_s', 0.0)), checkpoint_path=path)
+                    train_time_s=train_time_s, checkpoint_path=path)
 
 
 def train_or_load(mesh_path: str | Path, cache_dir: str | Path,

@@ -42,6 +42,7 @@ from neural_bone_reg.core.runtime import configure_threads, MAX_THREADS
 from neural_bone_reg.ros import params as ros_params
 from neural_bone_reg.ros.conversions import xyz_to_cloud
 from neural_bone_reg.ros.diagnostics import diagnostic_array, DIAGNOSTICS_TOPIC, ERROR, OK, WARN
+from neural_bone_reg.ros.input_checks import check_frame_id
 from neural_bone_reg.ros.model_info import encode_model_info, ModelInfo
 from neural_bone_reg.ros.node_main import run_node
 from neural_bone_reg.ros.qos import DIAGNOSTICS_QOS, LATCHED_QOS
@@ -125,6 +126,7 @@ class PreopLoader(LifecycleNode):
                 raise ValueError(f"parameter 'device' must be one of {DEVICES}, got {device!r}")
             if not bone_frame:
                 raise ValueError("parameter 'bone_frame' must not be empty")
+            check_frame_id(bone_frame, "parameter 'bone_frame'")  # as the consumer checks it
             configs = ros_params.build_configs(self, CONFIG_SECTIONS)
             threads = configure_threads(self.get_parameter('threads.intra_op').value,
                                         self.get_parameter('threads.inter_op').value)
