@@ -122,6 +122,14 @@ def test_bench_trials_are_seeded_and_follow_the_protocol():
     assert max(angles) > 90.0  # rotations span SO(3), not a small perturbation
 
 
+@pytest.mark.parametrize('noise, patch', [(float('nan'), 0.0), (0.0, float('nan')),
+                                          (float('inf'), 0.0), (-1.0, 0.0)])
+def test_a_trial_refuses_noise_or_patch_sizes_that_are_not_finite_and_positive(noise, patch):
+    # nan used to pass the check and run as neither noise nor patch, reported as 'noise nan'.
+    with pytest.raises(ValueError, match='must be finite and >= 0 mm'):
+        bench.bench_trial(_reference_cloud(), 0, 0, noise, patch)
+
+
 def test_cli_reexports_the_core_protocol():
     from neural_bone_reg.cli import commands
 

@@ -116,3 +116,12 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(['register', '--mesh', 'm.stl', '--cloud', 'c.xyz', '--device', 'tpu'])
     assert exit_info.value.code == 2 and 'invalid choice' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('flag, value', [('--noise-mm', 'nan'), ('--patch-mm', 'inf'),
+                                         ('--noise-mm', '-1')])
+def test_bench_refuses_a_noise_or_patch_size_not_finite_and_positive(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(['bench', '--data', 'd', flag, value])
+    assert exit_info.value.code == 2 and 'must be finite and non-negative' in (
+        capsys.readouterr().err)

@@ -38,6 +38,8 @@ def test_cloud_formats_roundtrip(tmp_path, patch, suffix):
     (np.full((50, 3), np.nan), 'empty'),
     (np.zeros((50, 2)), 'expected \\(N, 3\\)'),
     (np.array([['a', 'b', 'c']]), 'dtype'),
+    (np.ones((50, 3), dtype=complex), 'expected real numbers'),  # else imaginary parts dropped
+    ([[1.0, 2.0, 3.0], [4.0, 5.0]], 'not an array of points'),  # ragged rows
     (np.random.default_rng(0).uniform(0, 0.1, size=(500, 3)), 'metres'),
     (np.random.default_rng(0).uniform(0, 1e7, size=(500, 3)), 'expected mm'),
 ])

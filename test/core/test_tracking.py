@@ -10,6 +10,7 @@ from scipy.spatial.transform import Rotation
 import trimesh
 
 from neural_bone_reg.core import metrics, sim
+from neural_bone_reg.core.confidence import precision_bounds
 from neural_bone_reg.core.errors import InputError
 from neural_bone_reg.core.refine import constraint_ratio, SurfaceModel
 from neural_bone_reg.core.se3 import apply_transform, invert_transform, make_transform
@@ -59,6 +60,23 @@ def test_tracking_does_not_depend_on_the_global_refinement_settings(phantom_regi
     res = no_refine.track(cloud, prior)
     assert res.accepted, res.summary()
     assert metrics.rre_deg(res.transform, truth) < 0.5
+
+
+def test_track_judges_precision_at_the_configured_target_as_register_does(
+        phantom_registrar, moved_cloud):
+    """A planned drill entry far from the sweep: the tracked bound there, not at the centroid."""
+    cloud, truth = moved_cloud
+    prior = truth @ _small_motion(np.random.default_rng(1), 4.0, 4.0, cloud.mean(axis=0))
+    at_centroid = phantom_registrar.track(cloud, prior)
+    assert at_centroid.accepted, at_centroid.summary()
+    centroid = apply_transform(at_centroid.transform, cloud).mean(axis=0)
+    far = centroid + np.array([0.0, 0.0, 400.0])
+    targeted = phantom_registrar.with_config(replace(
+        phantom_registrar.config, precision_at_target=True, precision_target_mm=tuple(far)))
+    res = targeted.track(cloud, prior)
+    expected = precision_bounds(res.covariance, far).bound_mm
+    assert res.bound_mm == pytest.approx(expected) and res.bound_mm > at_centroid.bound_mm
+    assert not res.accepted and any('at the target' in r for r in res.rejection_reasons)
 
 
 def test_track_reports_a_jump_as_lost(phantom_registrar, moved_cloud):

@@ -59,7 +59,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def non_negative_float(text: str) -> float:
+    """Parse a finite, non-negative number (argparse type; nan and inf are refused)."""
     value = float(text)
     if not 0.0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f'must be finite and non-negative, got {text}')
@@ -130,7 +131,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     probe = make.add_argument_group('--sensor us')
     probe.add_argument('--points-per-frame', type=_positive_int,
                        help=f'points per cloud (default {DEFAULT_POINTS_PER_FRAME})')
-    probe.add_argument('--noise-mm', type=_non_negative_float,
+    probe.add_argument('--noise-mm', type=non_negative_float,
                        help=f'gaussian noise sigma (default {DEFAULT_NOISE_MM} mm)')
     probe.add_argument('--outliers', type=_fraction,
                        help=f'outlier fraction per cloud (default {DEFAULT_OUTLIER_FRACTION})')
@@ -140,7 +141,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                              f'tall field of view; default {DEFAULT_RESOLUTION})')
     camera.add_argument('--distance-mm', type=_positive_float,
                         help=f'camera to bone distance (default {DEFAULT_CAMERA_DISTANCE_MM:g})')
-    camera.add_argument('--exposure-mm', type=_non_negative_float,
+    camera.add_argument('--exposure-mm', type=non_negative_float,
                         help='radius of the exposed bone around the point the camera looks at '
                              '(the rest is under soft tissue, segmented away); 0 = the whole '
                              f'bone is visible (default {DEFAULT_EXPOSURE_MM:g})')
@@ -148,11 +149,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                         help='where along the long axis the camera looks, as a share of the '
                              "bone's half length from its centre: 1 its bulkier (joint) end, -1 "
                              f'the other (default {DEFAULT_EXPOSURE_OFFSET:g})')
-    camera.add_argument('--motion-mm', type=_non_negative_float,
+    camera.add_argument('--motion-mm', type=non_negative_float,
                         help='amplitude of a slow breathing-like bone motion (4 s period); '
                              'the truth then goes on /tf per frame (default '
                              f'{DEFAULT_MOTION_MM:g})')
-    camera.add_argument('--motion-deg', type=_non_negative_float,
+    camera.add_argument('--motion-deg', type=non_negative_float,
                         help=f'rotation amplitude of that motion (default {DEFAULT_MOTION_DEG:g})')
     camera.add_argument('--compress', action=argparse.BooleanOptionalAction,
                         help='compress each message with zstd, as `ros2 bag record '
@@ -171,7 +172,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                       help='playback speed factor (default 1.0)')
     play.add_argument('--loop', action='store_true', help='repeat until interrupted')
     play.add_argument('--topics', nargs='+', help='replay only these topics')
-    play.add_argument('--delay', type=_non_negative_float, default=DEFAULT_PLAY_DELAY_S,
+    play.add_argument('--delay', type=non_negative_float, default=DEFAULT_PLAY_DELAY_S,
                       help='seconds to wait before playing (each loop), e.g. for discovery '
                            f'(default {DEFAULT_PLAY_DELAY_S})')
     play.add_argument('--clock', type=_positive_float, nargs='?', const=DEFAULT_CLOCK_HZ,

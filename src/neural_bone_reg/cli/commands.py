@@ -7,6 +7,8 @@ from pathlib import Path
 import sys
 from typing import Any
 
+from neural_bone_reg.cli.bag_cmd import non_negative_float
+
 #: Re-exported from ``core.bench`` for the scripts that import them from here; loaded on first
 #: use so that building the CLI parser does not import numpy and torch.
 _BENCH_EXPORTS = ('BENCH_MAX_TRANSLATION_MM', 'WARMUP_TRIAL', 'bench_cases', 'bench_trial',
@@ -61,9 +63,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument('--data', required=True, help='folder of NAME.stl + NAME.xyz pairs')
     bench.add_argument('--trials', type=int, default=10, help='trials per case')
     bench.add_argument('--cases', nargs='*', help='only these case names')
-    bench.add_argument('--noise-mm', type=float, default=0.0,
+    bench.add_argument('--noise-mm', type=non_negative_float, default=0.0,
                        help='extra gaussian noise sigma added to the cloud, in mm')
-    bench.add_argument('--patch-mm', type=float, default=0.0,
+    bench.add_argument('--patch-mm', type=non_negative_float, default=0.0,
                        help='keep only the points within this radius (mm) of a seeded point '
                             'of the cloud (0: the whole cloud)')
     bench.add_argument('--json', help='write results JSON here')

@@ -116,8 +116,9 @@ def bench_trial(points: Any, seed: int, trial: int, noise_mm: float,
 
     See the module doc for the protocol; ``patch_mm`` = 0 keeps the whole cloud.
     """
-    if noise_mm < 0.0 or patch_mm < 0.0:
-        raise ValueError(f'noise_mm and patch_mm must be >= 0 mm, got {noise_mm}, {patch_mm}')
+    if not (0.0 <= noise_mm < np.inf and 0.0 <= patch_mm < np.inf):  # nan fails too
+        raise ValueError('noise_mm and patch_mm must be finite and >= 0 mm, got '
+                         f'{noise_mm}, {patch_mm}')
     rng = np.random.default_rng([seed, trial])
     rotation = random_rotations(1, rng)[0]
     direction = rng.normal(size=3)

@@ -180,11 +180,15 @@ def check_points(points: np.ndarray, name: str = 'cloud', min_points: int = 3,
     except KeyError:
         raise ValueError(f'report_unit must be one of {sorted(REPORT_UNITS)}, '
                          f'got {report_unit!r}') from None
-    points = np.asarray(points)
+    try:
+        points = np.asarray(points)
+    except (ValueError, TypeError) as exc:  # ragged rows
+        raise InputError(f'{name} is not an array of points ({exc}); expected (N, 3) x y z '
+                         f'numbers in {unit}') from None
     if points.ndim != 2 or points.shape[1] != 3:
         raise InputError(f'{name} has shape {points.shape}; expected (N, 3) x y z in {unit}')
-    if not np.issubdtype(points.dtype, np.number):
-        raise InputError(f'{name} has dtype {points.dtype}; expected floats')
+    if not (np.issubdtype(points.dtype, np.floating) or np.issubdtype(points.dtype, np.integer)):
+        raise InputError(f'{name} has dtype {points.dtype}; expected real numbers (floats)')
     points = points.astype(np.float64)
     finite = np.isfinite(points).all(axis=1)
     if not finite.all():

@@ -562,9 +562,7 @@ class BoneRegistrar:
         # The covariance of the estimate ICP made: from the points ICP used.
         lin = linearise(self.surface, best.icp_points @ best.rotation.T + best.translation,
                         cfg.robust_scale_mm, best.noise_var_mm2)
-        use_target = cfg.precision_at_target
-        target = (np.asarray(cfg.precision_target_mm, dtype=np.float64) if use_target
-                  else moved.mean(axis=0))
+        target = self._precision_point(moved.mean(axis=0))
         constraint = constraint_from_linearisation(lin)
         covariance, precision, noise = self._covariance(lin, target)
         reasons = self._fit_reasons(residual, inlier_fraction, noise)
@@ -721,7 +719,8 @@ class BoneRegistrar:
         residual, inlier_fraction = self._fit_quality(
             lin.distances(self.surface) if reuse else self.surface.distances(moved))
         constraint = constraint_from_linearisation(lin)
-        covariance, precision, noise = self._covariance(lin, centroid @ rot.T + tr, clusters)
+        covariance, precision, noise = self._covariance(
+            lin, self._precision_point(centroid @ rot.T + tr), clusters)
         reasons = self._fit_reasons(residual, inlier_fraction, noise)
         reasons += self._precision_reasons(precision)
         if not icp.last_step_mm <= TRACK_MAX_LAST_STEP_MM:  # inf: ICP lost the surface
@@ -744,6 +743,15 @@ class BoneRegistrar:
             bound_deg=_bound(precision, 'bound_deg'), noise_mm=noise)
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _precision_point(self, centroid: np.ndarray) -> np.ndarray:
+        """Return where ``register`` and ``track`` judge the position bound (bone frame, mm).
+
+        ``precision_target_mm`` with ``precision_at_target``, else the cloud's ``centroid``.
+        """
+        if self.config.precision_at_target:
+            return np.asarray(self.config.precision_target_mm, dtype=np.float64)
+        return np.asarray(centroid, dtype=np.float64)
 
     def _fit_quality(self, dist: np.ndarray) -> tuple[float, float]:
         """Return (mean inlier distance in mm, inlier fraction) of point-to-surface distances."""
