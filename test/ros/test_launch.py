@@ -50,6 +50,19 @@ TF_TIMEOUT_S = SOLVE_TIMEOUT_S + 60.0
 CLOUD_PERIOD_S = 0.5
 
 
+@pytest.fixture(autouse=True)
+def launch_plugin_loaded(request: pytest.FixtureRequest) -> None:
+    """Skip, saying why, where launch_pytest imports but its pytest plugin is not loaded.
+
+    Without the plugin the test would run as a plain function, launch nothing and time out.
+    An installed launch_pytest registers it (entry point ``pytest11``); one on PYTHONPATH does not.
+    """
+    manager = request.config.pluginmanager
+    if not any(manager.has_plugin(name) for name in ('launch_pytest', 'launch_pytest.plugin')):
+        pytest.skip('launch_pytest is importable but its pytest plugin is not loaded: install '
+                    'it, or run pytest -p launch_pytest.plugin')
+
+
 @pytest.fixture(scope='module')
 def params_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Train the phantom (session cache) and write small params files for both nodes."""
