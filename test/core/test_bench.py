@@ -279,6 +279,8 @@ def test_search_miss_needs_all_three_conditions():
     assert not bench.is_search_miss(True, (1.5, 0.5), floor)    # correct
     assert not bench.is_search_miss(False, (1.0, 0.5), floor)   # not a higher residual
     assert not bench.is_search_miss(False, (1.5, 0.81), floor)  # more inliers
+    # ICP stopping a hair apart in one optimum is the same fit, not a miss.
+    assert not bench.is_search_miss(False, (1.0 + 0.8 * bench.SAME_FIT_RESIDUAL_MM, 0.8), floor)
 
 
 def test_case_floor_and_input_error_rows(stand_in_case):
@@ -400,3 +402,14 @@ def test_a_real_registration_rows_have_every_field(phantom_registrar, phantom_me
     assert {'floor_rre_deg', 'floor_rte_mm', 'same_optimum', 'search_miss',
             'mahalanobis2_trial_floor', 'bound_mm'} <= set(row)
     assert floor.rre_deg < 2.0 and floor.rte_mm < 2.0
+
+
+def test_coverage_uses_the_6_dof_95_percent_region():
+    """A pose error of Mahalanobis^2 10 is inside (6 dof: 12.59), though outside 3 dof's 7.81."""
+    covariance = np.eye(6)
+    estimate = np.eye(4)
+    reference = make_transform(np.eye(3), np.array([np.sqrt(10.0), 0.0, 0.0]))
+    out = bench._coverage(covariance, reference, estimate)
+    assert out['mahalanobis2'] == pytest.approx(10.0) and out['inside95'] is True
+    far = make_transform(np.eye(3), np.array([np.sqrt(13.0), 0.0, 0.0]))
+    assert bench._coverage(covariance, far, estimate)['inside95'] is False

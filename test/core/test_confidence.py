@@ -259,3 +259,23 @@ def test_a_linearisation_gives_the_surface_distances_of_its_matches():
     assert (~lin.valid[:20]).all() and np.isinf(got[:20]).all()
     np.testing.assert_allclose(got[lin.valid], expected[lin.valid], rtol=1e-9, atol=1e-9)
     assert (expected[~lin.valid] > 5.0).all()  # never inliers: the fit statistics agree
+
+
+def test_uniqueness_standard_error_is_the_cluster_robust_formula():
+    """Hand-computed: SE = sqrt(G / (G - 1) * sum of centred cluster sums^2) / N."""
+    best = np.zeros(6)
+    alternative = np.array([1.0, 1.0, 2.0, 0.0, 3.0, 5.0])
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    z, margin, std_error = confidence.uniqueness_z(best, alternative, labels, 3)
+    sums = np.array([2.0, 2.0, 8.0]) - 2 * 2.0  # cluster sums of diff - margin (margin 2)
+    expected = np.sqrt(3 / 2 * np.sum(sums ** 2)) / 6
+    assert margin == pytest.approx(2.0)
+    assert std_error == pytest.approx(expected) and z == pytest.approx(2.0 / expected)
+
+
+def test_uniqueness_standard_error_never_falls_below_its_floor():
+    """A margin equal in every cluster has no spread: the floor keeps z finite and bounded."""
+    labels = np.repeat(np.arange(10), 5)
+    z, margin, std_error = confidence.uniqueness_z(np.zeros(50), np.full(50, 0.01), labels, 10)
+    assert std_error == confidence.MIN_STANDARD_ERROR_MM
+    assert z == pytest.approx(0.01 / confidence.MIN_STANDARD_ERROR_MM)

@@ -497,3 +497,48 @@ def test_nan_fit_statistics_fail_the_fit_gates(phantom_registrar):
     assert phantom_registrar._fit_reasons(nan, 0.9, 1.0)[0].startswith('residual nan')
     assert phantom_registrar._fit_reasons(1.0, nan, 1.0)[0].startswith('inlier fraction nan')
     assert phantom_registrar._fit_reasons(1.0, 0.9, nan) == []  # the fixed 2 mm gate holds
+
+
+@pytest.fixture(scope='module')
+def accepted_case(phantom_registrar, phantom_mesh):
+    """A phantom cloud the default gates accept, moved, with its result (seeded)."""
+    rng = np.random.default_rng(0)
+    cloud = sim.simulate_partial_cloud(phantom_mesh, rng, coverage=0.3, noise_mm=1.0,
+                                       outlier_fraction=0.05, n_points=2000)
+    moved = apply_transform(sim.random_pose(rng), cloud)
+    res = phantom_registrar.register(moved)
+    assert res.accepted, res.rejection_reasons
+    return moved, res
+
+
+def _with(registrar, **changes):
+    return registrar.with_config(replace(registrar.config, **changes))
+
+
+def test_the_uniqueness_gate_is_its_threshold(phantom_registrar, accepted_case):
+    moved, res = accepted_case
+    above = _with(phantom_registrar, gate_min_uniqueness_z=res.uniqueness_z + 0.01).register(moved)
+    assert [r.split(':')[0] for r in above.rejection_reasons] == ['ambiguous']
+    below = _with(phantom_registrar, gate_min_uniqueness_z=res.uniqueness_z - 0.01).register(moved)
+    assert below.accepted and below.uniqueness_z == pytest.approx(res.uniqueness_z)
+
+
+@pytest.mark.parametrize('gate, needle', [('gate_max_bound_deg', 'rotation bound'),
+                                          ('gate_max_bound_mm', 'bound')])
+def test_each_precision_bound_refuses_on_its_own(phantom_registrar, accepted_case, gate,
+                                                 needle):
+    moved, res = accepted_case
+    value = res.bound_deg if gate == 'gate_max_bound_deg' else res.bound_mm
+    tight = _with(phantom_registrar, **{gate: value * 0.99}).register(moved)
+    assert len(tight.rejection_reasons) == 1, tight.rejection_reasons
+    assert tight.rejection_reasons[0].startswith(f'imprecise: 95 % {needle}')
+
+
+def test_the_residual_is_the_mean_distance_of_the_inliers_only(phantom_registrar, accepted_case):
+    """Outliers (5 % of the cloud, 5-20 mm off) do not enter the residual gate's mean."""
+    moved, res = accepted_case
+    dist = phantom_registrar.surface.distances(apply_transform(res.transform, moved))
+    inliers = dist <= phantom_registrar.config.inlier_threshold_mm
+    assert not inliers.all()
+    assert res.residual_mm == pytest.approx(dist[inliers].mean(), rel=1e-6)
+    assert res.inlier_fraction == pytest.approx(inliers.mean())

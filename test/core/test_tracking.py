@@ -204,3 +204,49 @@ def test_a_noisy_cloud_is_tracked_with_its_fit_de_biased(phantom_registrar, phan
         return np.mean(errors)
 
     assert rms_errors(registrar_module.NOISY_CLOUD_MM) < 0.95 * rms_errors(np.inf)
+
+
+def _prior(moved_cloud, angle_deg=4.0, shift_mm=4.0, seed=1):
+    cloud, truth = moved_cloud
+    return truth @ _small_motion(np.random.default_rng(seed), angle_deg, shift_mm,
+                                 cloud.mean(axis=0))
+
+
+def test_a_pure_translation_past_the_step_limit_is_lost(phantom_registrar, moved_cloud):
+    """The translation limit refuses on its own: a 5 mm slide, no turn, with a 2 mm limit."""
+    cloud, truth = moved_cloud
+    strict = phantom_registrar.with_config(replace(phantom_registrar.config,
+                                                   track_max_translation_mm=2.0))
+    res = strict.track(cloud, _prior(moved_cloud, 0.0, 5.0))
+    assert res.step_deg < 2.0 and res.step_mm > 2.0
+    assert [r.split(':')[0] for r in res.rejection_reasons] == ['tracking lost']
+
+
+def test_a_tracked_frame_is_refused_on_its_rotation_bound_alone(phantom_registrar, moved_cloud):
+    cloud, _ = moved_cloud
+    res = phantom_registrar.track(cloud, _prior(moved_cloud))
+    tight = phantom_registrar.with_config(replace(phantom_registrar.config,
+                                                  gate_max_bound_deg=res.bound_deg * 0.99))
+    refused = tight.track(cloud, _prior(moved_cloud))
+    assert len(refused.rejection_reasons) == 1
+    assert refused.rejection_reasons[0].startswith('imprecise: 95 % rotation bound')
+
+
+def test_tracking_icp_that_has_not_settled_is_refused(phantom_registrar, moved_cloud, monkeypatch):
+    from neural_bone_reg.core import registrar as registrar_module
+
+    monkeypatch.setattr(registrar_module, 'TRACK_ICP_ITERATIONS', 1)
+    cloud, _ = moved_cloud
+    res = phantom_registrar.track(cloud, _prior(moved_cloud))
+    assert not res.accepted and any('did not settle' in r for r in res.rejection_reasons)
+
+
+def test_an_unmeasured_constraint_refuses_a_tracked_frame(phantom_registrar, moved_cloud,
+                                                          monkeypatch):
+    from neural_bone_reg.core import registrar as registrar_module
+
+    monkeypatch.setattr(registrar_module, 'constraint_from_linearisation',
+                        lambda lin: float('nan'))
+    cloud, _ = moved_cloud
+    res = phantom_registrar.track(cloud, _prior(moved_cloud))
+    assert not res.accepted and any('under-constrained' in r for r in res.rejection_reasons)
