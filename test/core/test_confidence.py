@@ -279,3 +279,21 @@ def test_uniqueness_standard_error_never_falls_below_its_floor():
     z, margin, std_error = confidence.uniqueness_z(np.zeros(50), np.full(50, 0.01), labels, 10)
     assert std_error == confidence.MIN_STANDARD_ERROR_MM
     assert z == pytest.approx(0.01 / confidence.MIN_STANDARD_ERROR_MM)
+
+
+def test_the_sandwich_carries_the_small_sample_factor_of_its_clusters():
+    """Meat x G / (G - 6): the same 8 scored clusters, declared as 8 or as 80 (72 empty).
+
+    Residuals shared within each cluster make the sandwich far larger than the Gauss-Newton
+    floor, so the two differ by the factors' ratio alone, (8 / 2) / (80 / 74).
+    """
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(8), 50)  # 8 small patches, each facing its own way
+    points = rng.normal(scale=40.0, size=(8, 3))[labels] + rng.normal(scale=2.0, size=(400, 3))
+    normals = rng.normal(size=(8, 3))[labels] + rng.normal(scale=0.05, size=(400, 3))
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    residual = rng.normal(scale=2.0, size=8)[labels] + rng.normal(scale=0.01, size=400)
+    weight = np.ones(400)
+    few, _ = confidence.covariance_terms(points, normals, residual, weight, labels, 8, 50.0)
+    many, _ = confidence.covariance_terms(points, normals, residual, weight, labels, 80, 50.0)
+    np.testing.assert_allclose(few, many * (8 / 2) / (80 / 74), rtol=1e-9)
