@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+import uuid
 
 import numpy as np
 import trimesh
@@ -51,6 +53,22 @@ def json_safe(value: Any) -> Any:
 def dumps_json(value: Any, **kwargs: Any) -> str:
     """Return ``value`` as strict JSON (see :func:`json_safe`); ``kwargs`` go to json.dumps."""
     return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Have ``write`` fill a temporary file beside ``path``, then rename it onto ``path``.
+
+    Readers never see a partial file, and writers racing on one ``path`` (threads or
+    processes filling one cache) each write a file of their own: the name is unique.
+    """
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp{path.suffix}')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def file_sha256(path: str | Path) -> str:

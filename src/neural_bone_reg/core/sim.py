@@ -8,13 +8,12 @@ single correct registration. Clouds mimic what a tracked probe sees: one side of
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-import uuid
 
 import numpy as np
 import trimesh
 
+from neural_bone_reg.core.io import write_atomically
 from neural_bone_reg.core.runtime import default_cache_dir
 from neural_bone_reg.core.se3 import make_transform, random_rotations
 
@@ -56,13 +55,8 @@ def phantom_mesh_path(cache_dir: str | Path | None = None) -> Path:
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / PHANTOM_FILENAME
-    if not path.is_file():  # written whole under a name of its own, then renamed: atomic
-        tmp = folder / f'.{path.stem}.{uuid.uuid4().hex}.stl'
-        try:
-            make_phantom_mesh().export(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    if not path.is_file():
+        write_atomically(path, make_phantom_mesh().export)
     return path
 
 

@@ -15,11 +15,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 import time
 from typing import Callable
-import uuid
 
 import numpy as np
 import torch
@@ -29,6 +27,8 @@ import trimesh
 from neural_bone_reg.core.config import as_dict, section_from_dict, TrainConfig, UdfConfig
 from neural_bone_reg.core.errors import CheckpointError, InputError
 from neural_bone_reg.core.fields import DistanceGrid, GridField
+from neural_bone_reg.core.io import (check_points, file_sha256, load_cloud, load_mesh,
+                                     write_atomically)
 
 LOG = logging.getLogger(__name__)
 
@@ -122,7 +122,6 @@ class UdfModel:
 
 def geometry_sha256(path: str | Path) -> str:
     """Return the hex sha256 of the source geometry file."""
-    from neural_bone_reg.core.io import file_sha256
     return file_sha256(path)
 
 
@@ -454,13 +453,7 @@ def save_checkpoint(model: UdfModel, path: str | Path) -> Path:
         'accuracy': model.accuracy,
         'train_time_s': model.train_time_s,
     }
-    # Written whole under a name of its own (two savers may race), then renamed: atomic.
-    tmp = path.with_name(f'.{path.name}.{uuid.uuid4().hex}.tmp')
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))  # two savers may race
     path.with_suffix('.yaml').write_text(yaml.safe_dump(
         {'udf': payload['udf_config'], 'train': payload['train_config'],
          'mesh_sha256': model.geometry_sha256, 'accuracy': model.accuracy}, sort_keys=False))
@@ -562,8 +555,6 @@ def train_or_load(mesh_path: str | Path, cache_dir: str | Path,
     A mesh (.stl/.ply/.obj) is supervised with exact distances; a point cloud file
     (.xyz/.txt/.npy/.pcd, or a .ply without faces) trains self-supervised.
     """
-    from neural_bone_reg.core.io import check_points, load_cloud, load_mesh
-
     mesh_path = Path(mesh_path)
     if not mesh_path.is_file():
         raise InputError(f'bone geometry {mesh_path} does not exist; expected a mesh '
