@@ -42,7 +42,7 @@ from neural_bone_reg.core.confidence import (CHI2_95_6DOF, cluster_labels, covar
                                              noise_level, precision_bounds, rigid_error_covariance)
 from neural_bone_reg.core.config import RegistrationConfig
 from neural_bone_reg.core.errors import InputError
-from neural_bone_reg.core.io import dumps_json
+from neural_bone_reg.core.io import dumps_json, json_safe
 from neural_bone_reg.core.refine import linearise
 from neural_bone_reg.core.registrar import FIXED_GATE_REASONS, noise_scaled_limit
 from neural_bone_reg.core.se3 import apply_transform
@@ -329,22 +329,13 @@ def write_rows(path: Path, rows: list[dict], **meta: int) -> None:
     uniqueness z (no alternative) must not come back as a nan one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_spelled({**meta, 'rows': rows}), indent=1, allow_nan=False))
+    path.write_text(json.dumps(json_safe({**meta, 'rows': rows}, non_finite=repr), indent=1,
+                               allow_nan=False))
 
 
 def read_rows(path: Path) -> list[dict]:
     """Return the rows :func:`write_rows` wrote, with their nan and inf floats."""
     return _unspelled(json.loads(path.read_text()))['rows']
-
-
-def _spelled(value):
-    if isinstance(value, float) and not np.isfinite(value):
-        return 'nan' if np.isnan(value) else ('inf' if value > 0 else '-inf')
-    if isinstance(value, (list, tuple)):
-        return [_spelled(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _spelled(item) for key, item in value.items()}
-    return value
 
 
 def _unspelled(value):

@@ -26,25 +26,26 @@ MAX_ABS_COORDINATE_MM = 1e6
 REPORT_UNITS = {'mm': (1.0, 'mm'), 'm': (1e-3, 'm')}
 
 
-def json_safe(value: Any) -> Any:
+def json_safe(value: Any, non_finite: Callable[[float], Any] = lambda v: None) -> Any:
     """Return ``value`` with every non-finite float as None and numpy values as Python ones.
 
     Strict JSON has no NaN or Infinity (``json.dumps`` writes them by default, and parsers
     such as JavaScript's reject them): an unmeasured figure (nan) or an unbounded one (inf)
-    becomes null. Anything else that is not JSON becomes its ``str``.
+    becomes null, or what ``non_finite`` makes of it. Anything else that is not JSON becomes
+    its ``str``.
     """
     if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v, non_finite) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
+        return [json_safe(v, non_finite) for v in value]
     if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
+        return json_safe(value.tolist(), non_finite)
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
+        return float(value) if np.isfinite(value) else non_finite(float(value))
     if value is None or isinstance(value, str):
         return value
     return str(value)
