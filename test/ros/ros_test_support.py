@@ -170,6 +170,13 @@ def find_status(array: Any, name_part: str, frame_id: Optional[str] = None,
     return None
 
 
+def wait_for_status(diags: Collector, name_part: str, level: bytes, timeout_s: float) -> Any:
+    """Return the first status of ``diags`` named with ``name_part`` at ``level``, or None."""
+    array = diags.wait_for(lambda a: find_status(a, name_part, level=level) is not None,
+                           timeout_s)
+    return None if array is None else find_status(array, name_part, level=level)
+
+
 def rotation_error_deg(r_a: np.ndarray, r_b: np.ndarray) -> float:
     """Return the angle of ``r_a^T r_b`` in degrees."""
     cos = (np.trace(r_a.T @ r_b) - 1.0) / 2.0

@@ -56,7 +56,7 @@ from ros_test_support import (Collector, CONFIG_DIR, find_status, matched_publis
                               MESSAGE_TIMEOUT_S,
                               rotation_error_deg, shared_cache_dir, small_configs,
                               SOLVE_TIMEOUT_S, status_values, TEST_REGISTRATION, TEST_TRAIN,
-                              TEST_UDF, trained_phantom)
+                              TEST_UDF, trained_phantom, wait_for_status)
 
 #: A rigid transform T_bone_cloud the scripted registrar returns.
 FAKE_T = np.array([[0.0, -1.0, 0.0, 12.0],
@@ -379,10 +379,8 @@ def test_rejected_result_gives_a_warning_and_no_tf(
     waiter = TfWaiter(probe, 'robot', 'bone')
     pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
     pub.publish(cloud(patch_points(1)))
-    array = diags.wait_for(lambda a: find_status(a, 'registration', level=DiagnosticStatus.WARN)
-                           is not None, SOLVE_TIMEOUT_S)
-    assert array is not None, 'no WARN diagnostic for a rejected result'
-    status = find_status(array, 'registration', level=DiagnosticStatus.WARN)
+    status = wait_for_status(diags, 'registration', DiagnosticStatus.WARN, SOLVE_TIMEOUT_S)
+    assert status is not None, 'no WARN diagnostic for a rejected result'
     assert 'ambiguity 0.90 > gate 0.80' in status.message
     assert status_values(status)['accepted'] == 'False'
     assert node.wait_idle(SOLVE_TIMEOUT_S)
@@ -434,10 +432,8 @@ def test_gates_looser_than_calibrated_are_a_warning_and_named_in_every_result(
     node = spin(registration_node(ros_context, mode='single',
                                   **{'registration.gate_min_uniqueness_z': 3.0}))
     node.use_registrar(ScriptedRegistrar(uncertainty=KNOWN_UNCERTAINTY))
-    array = diags.wait_for(lambda a: find_status(a, ': gates', level=DiagnosticStatus.WARN)
-                           is not None, MESSAGE_TIMEOUT_S)
-    assert array is not None, 'no WARN gates status for a loosened uniqueness gate'
-    status = find_status(array, ': gates', level=DiagnosticStatus.WARN)
+    status = wait_for_status(diags, ': gates', DiagnosticStatus.WARN, MESSAGE_TIMEOUT_S)
+    assert status is not None, 'no WARN gates status for a loosened uniqueness gate'
     assert 'registration.gate_min_uniqueness_z=3 (calibrated at 6' in status.message
     # An accepted result still goes out (the operator chose the gate), and says so.
     pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
@@ -533,10 +529,8 @@ def test_a_refused_result_publishes_no_bone_pose_and_says_where_data_would_help(
     diags = Collector(probe, DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
     pub = matched_publisher(probe, PointCloud2, '/points', CLOUD_PUBLISHER_QOS)
     pub.publish(cloud(patch_points(2)))
-    array = diags.wait_for(lambda a: find_status(a, 'registration', level=DiagnosticStatus.WARN)
-                           is not None, SOLVE_TIMEOUT_S)
-    assert array is not None, 'no WARN diagnostic for a refused result'
-    status = find_status(array, 'registration', level=DiagnosticStatus.WARN)
+    status = wait_for_status(diags, 'registration', DiagnosticStatus.WARN, SOLVE_TIMEOUT_S)
+    assert status is not None, 'no WARN diagnostic for a refused result'
     values = status_values(status)
     assert values['guidance'] == guidance and guidance in status.message
     assert values['bound_mm'] == '3.1' and values['uniqueness_z'] == '8.25'
@@ -1000,10 +994,8 @@ def test_a_reset_during_a_solve_voids_its_result_and_its_track(
     node.on_reset(Trigger.Request(), Trigger.Response())  # while the solve runs
     scripted.release.set()
     # The probe slipped, say: what was computed from the clouds before the reset never goes out.
-    array = diags.wait_for(lambda a: find_status(a, 'registration', level=DiagnosticStatus.WARN)
-                           is not None, SOLVE_TIMEOUT_S)
-    assert array is not None, 'no WARN diagnostic for a voided result'
-    status = find_status(array, 'registration', level=DiagnosticStatus.WARN)
+    status = wait_for_status(diags, 'registration', DiagnosticStatus.WARN, SOLVE_TIMEOUT_S)
+    assert status is not None, 'no WARN diagnostic for a voided result'
     assert 'result discarded, no transform broadcast: a reset arrived' in status.message
     assert node.wait_idle(SOLVE_TIMEOUT_S) and node.n_broadcasts == 0
     node.on_points(cloud(patch_points(n=300), stamp_ns=1_030_000_000))
@@ -1026,10 +1018,9 @@ def test_a_frame_change_during_a_solve_voids_its_result(
     assert scripted.started.wait(SOLVE_TIMEOUT_S)
     assert node.set_parameters([Parameter(name, value=value)])[0].successful
     scripted.release.set()
-    array = diags.wait_for(lambda a: find_status(a, 'registration', level=DiagnosticStatus.WARN)
-                           is not None, SOLVE_TIMEOUT_S)
-    assert array is not None, 'no WARN diagnostic for a voided result'
-    assert 'a frame change arrived' in find_status(array, 'registration').message
+    status = wait_for_status(diags, 'registration', DiagnosticStatus.WARN, SOLVE_TIMEOUT_S)
+    assert status is not None, 'no WARN diagnostic for a voided result'
+    assert 'a frame change arrived' in status.message
     assert node.wait_idle(SOLVE_TIMEOUT_S) and node.n_broadcasts == 0
     # The same parameter set again changes nothing: the next solve stands.
     assert node.set_parameters([Parameter(name, value=value)])[0].successful
@@ -1052,11 +1043,9 @@ def test_a_reset_between_the_solve_and_its_broadcast_voids_it(
         return outcome
     monkeypatch.setattr(node.stream, 'solve', solve_then_reset)
     node.on_points(cloud(patch_points()))
-    array = diags.wait_for(lambda a: find_status(a, 'registration', level=DiagnosticStatus.WARN)
-                           is not None, SOLVE_TIMEOUT_S)
-    assert array is not None, 'no WARN diagnostic for a result voided before its broadcast'
-    assert 'result discarded, no transform broadcast: a reset arrived' in find_status(
-        array, 'registration').message
+    status = wait_for_status(diags, 'registration', DiagnosticStatus.WARN, SOLVE_TIMEOUT_S)
+    assert status is not None, 'no WARN diagnostic for a result voided before its broadcast'
+    assert 'result discarded, no transform broadcast: a reset arrived' in status.message
     assert node.wait_idle(SOLVE_TIMEOUT_S) and node.n_broadcasts == 0
 
 
